@@ -1,0 +1,33 @@
+# Two entry points: `make serve` (install, then start the server on the demo checkpoint) and
+# `make test` (install, then lint and run the tests). Both work on a fresh clone.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+
+.PHONY: install test serve lint bench clean
+
+$(INSTALLED): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, from its own pin: nothing installed after it can pull a different build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(INSTALLED)
+
+install: $(INSTALLED)
+
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff check lightvlm test benchmark
+
+test: lint
+	$(PY) -m pytest -q test
+
+serve: $(INSTALLED)
+	$(PY) -m lightvlm.server.api_server --enable_multimodal $(ARGS)
+
+bench: $(INSTALLED)
+	$(PY) -m benchmark.run_all
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,219 @@
+"""The language model, its KV buffer, and one step: prepare -> forward -> sample.
+
+A ModelRunner holds per-request state only for what it cannot be told cheaply each step: the KV slots
+a request owns (in `req_to_slots`, one row per request), its sampling parameters and random
+generator, and the token history its penalties need. Everything else arrives in the StepInput.
+Under tensor parallelism every rank runs the same step; rank 0 samples and reports.
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from lightvlm.common.distributed import SINGLE, TPGroup
+from lightvlm.engine.infer_state import InferState, KVCache, PrefillChunk
+from lightvlm.engine.sampler import SamplingBatch, sample
+from lightvlm.io_struct import ReqInit, StepInput, StepOutput, TokenLogprob
+from lightvlm.models.registry import LoadedCheckpoint
+from lightvlm.models.weight_loader import load_weights
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    num_slots: int  # KV slots (tokens) in the buffer
+    max_reqs: int  # requests held at once
+    max_len: int  # tokens per request (prompt + output)
+    dtype: torch.dtype = torch.float32
+    device: str = "cpu"
+    load_workers: int = 1
+
+
+@dataclass
+class RunnerReq:
+    init: ReqInit
+    row: int  # row of req_to_slots
+    num_cached: int = 0  # tokens whose K/V are written
+    generator: torch.Generator | None = None
+    seen: torch.Tensor | None = None  # [V] bool, for repetition penalty
+    counts: torch.Tensor | None = None  # [V] float, output token counts
+
+    @property
+    def num_outputs(self) -> int:
+        """Outputs sampled so far: all but the newest were fed back as inputs."""
+        return self.num_cached - self.init.prompt_len
+
+
+def build_language_model(ckpt: LoadedCheckpoint, tp: TPGroup, dtype: torch.dtype, device: str,
+                         load_workers: int = 1, show_progress: bool = True) -> torch.nn.Module:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = ckpt.family.language_module(ckpt.config, tp)
+    finally:
+        torch.set_default_dtype(previous)
+    load_weights({"language": model}, ckpt.model_dir, ckpt.family.rename, load_workers, show_progress)
+    return model.eval()
+
+
+class ModelRunner:
+    def __init__(self, ckpt: LoadedCheckpoint, config: RunnerConfig, image_store: Mapping[str, torch.Tensor],
+                 tp: TPGroup = SINGLE, show_progress: bool = True):
+        self.config = config
+        self.tp = tp
+        self.device = torch.device(config.device)
+        self.image_store = image_store
+        self.model = build_language_model(ckpt, tp, config.dtype, config.device, config.load_workers, show_progress)
+        text = ckpt.config.text
+        self.vocab_size = text.vocab_size
+        kv_heads = self.model.language_model.layers[0].self_attn.qkv_proj.num_kv_heads
+        self.kv = KVCache.allocate(text.num_layers, config.num_slots, kv_heads, text.head_dim,
+                                   config.dtype, self.device)
+        self.req_to_slots = torch.zeros(config.max_reqs, config.max_len, dtype=torch.long, device=self.device)
+        self.free_rows = list(range(config.max_reqs - 1, -1, -1))
+        self.reqs: dict[int, RunnerReq] = {}
+
+    # -- request state -------------------------------------------------------------------------
+
+    def _register(self, init: ReqInit) -> None:
+        if init.req_id in self.reqs:
+            self._release(init.req_id)
+        generator = None
+        if init.sampling.seed is not None and not init.sampling.is_greedy:
+            generator = torch.Generator(self.device).manual_seed(init.sampling.seed)
+        req = RunnerReq(init=init, row=self.free_rows.pop(), generator=generator)
+        if init.sampling.has_penalties:
+            req.seen = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
+            req.counts = torch.zeros(self.vocab_size, dtype=torch.float32, device=self.device)
+        self.reqs[init.req_id] = req
+
+    def _release(self, req_id: int) -> None:
+        req = self.reqs.pop(req_id, None)
+        if req is not None:
+            self.free_rows.append(req.row)
+
+    # -- one step ------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self, step: StepInput) -> StepOutput:
+        for req_id in step.released:
+            self._release(req_id)
+        for init in step.new_reqs:
+            self._register(init)
+        state, sampled_ids = self.prepare(step)
+        embeds = self.model.embed(state.input_ids)
+        if state.image_rows is not None:
+            embeds[state.image_rows] = state.image_embeds.to(embeds.dtype)
+        logits = self.model(embeds, state, state.logit_rows)
+        if not self.tp.is_first or not sampled_ids:
+            return StepOutput(req_ids=(), token_ids=())
+        return self._sample(sampled_ids, logits)
+
+    def prepare(self, step: StepInput) -> tuple[InferState, list[int]]:
+        """StepInput -> InferState; also advances each request's cached-token count."""
+        dev = self.device
+        input_ids = torch.tensor(step.input_ids, dtype=torch.long)
+        new_slots = torch.tensor(step.new_slots, dtype=torch.long)
+        positions, logit_rows, sampled_ids, prefills = [], [], [], []
+        decode_rows, decode_reqs, image_rows, image_embeds = [], [], [], []
+        row = 0
+        for req_id, n, samples in zip(step.req_ids, step.num_new_tokens, step.samples):
+            req = self.reqs[req_id]
+            start = req.num_cached
+            self.req_to_slots[req.row, start:start + n] = new_slots[row:row + n].to(dev)
+            positions.append(torch.arange(start, start + n))
+            self._collect_images(req, start, n, row, image_rows, image_embeds)
+            if req.seen is not None:
+                self._track_penalty_tokens(req, start, input_ids[row:row + n])
+            if n == 1:
+                decode_rows.append(row)
+                decode_reqs.append(req)
+            else:
+                prefills.append(PrefillChunk(row, n, self.req_to_slots[req.row, :start + n], start))
+            req.num_cached = start + n
+            if samples:
+                logit_rows.append(row + n - 1)
+                sampled_ids.append(req_id)
+            row += n
+        state = InferState(
+            input_ids=torch.where(input_ids < self.vocab_size, input_ids, 0).to(dev),
+            positions=torch.cat(positions).to(dev),
+            out_slots=new_slots.to(dev),
+            kv=self.kv,
+            logit_rows=torch.tensor(logit_rows, dtype=torch.long, device=dev),
+            prefills=prefills,
+        )
+        if decode_rows:
+            lengths = torch.tensor([r.num_cached for r in decode_reqs], device=dev)
+            longest = int(lengths.max())
+            rows = torch.tensor([r.row for r in decode_reqs], device=dev)
+            state.decode_rows = torch.tensor(decode_rows, dtype=torch.long, device=dev)
+            state.decode_slots = self.req_to_slots[rows, :longest]
+            state.decode_mask = (torch.arange(longest, device=dev)[None, :] < lengths[:, None])[:, None, None, :]
+        if image_rows:
+            state.image_rows = torch.cat(image_rows).to(dev)
+            state.image_embeds = torch.cat(image_embeds).to(dev)
+        return state, sampled_ids
+
+    def _collect_images(self, req: RunnerReq, start: int, n: int, row: int, rows: list, embeds: list) -> None:
+        """Image embedding rows that fall inside this step's tokens [start, start + n) of the request."""
+        for image in req.init.images:
+            lo, hi = max(start, image.offset), min(start + n, image.offset + image.length)
+            if lo >= hi:
+                continue
+            embedding = self.image_store[image.key]
+            rows.append(torch.arange(row + lo - start, row + hi - start))
+            embeds.append(embedding[lo - image.offset:hi - image.offset])
+
+    def _track_penalty_tokens(self, req: RunnerReq, start: int, ids: torch.Tensor) -> None:
+        ids = ids.to(self.device)
+        positions = torch.arange(start, start + len(ids), device=self.device)
+        ids = ids.where(ids < self.vocab_size, -1)
+        known = ids >= 0
+        req.seen[ids[known]] = True
+        outputs = ids[known & (positions >= req.init.prompt_len)]
+        req.counts.index_add_(0, outputs, torch.ones(len(outputs), device=self.device))
+
+    def _sample(self, req_ids: list[int], logits: torch.Tensor) -> StepOutput:
+        reqs = [self.reqs[i] for i in req_ids]
+        batch = self._sampling_batch(reqs)
+        tokens, logprobs, top = sample(logits, batch)
+        token_list = tokens.tolist()
+        logprob_out = None
+        if logprobs is not None:
+            chosen = logprobs.tolist()
+            top_ids = top.indices.tolist() if top is not None else [[] for _ in reqs]
+            top_values = top.values.tolist() if top is not None else [[] for _ in reqs]
+            logprob_out = tuple(
+                TokenLogprob(t, lp, tuple(zip(ids[:r.init.sampling.top_logprobs], vals[:r.init.sampling.top_logprobs])))
+                for r, t, lp, ids, vals in zip(reqs, token_list, chosen, top_ids, top_values))
+        return StepOutput(req_ids=tuple(req_ids), token_ids=tuple(token_list), logprobs=logprob_out)
+
+    def _sampling_batch(self, reqs: list[RunnerReq]) -> SamplingBatch:
+        dev = self.device
+        params = [r.init.sampling for r in reqs]
+        batch = SamplingBatch(
+            temperature=torch.tensor([max(p.temperature, 1e-5) for p in params], device=dev),
+            top_p=torch.tensor([p.top_p for p in params], device=dev),
+            top_k=torch.tensor([p.top_k if p.top_k > 0 else self.vocab_size for p in params], device=dev),
+            min_p=torch.tensor([p.min_p for p in params], device=dev),
+            is_greedy=torch.tensor([p.is_greedy for p in params], device=dev),
+            generators=[r.generator for r in reqs],
+            top_logprobs=max(p.top_logprobs for p in params),
+            needs_logprobs=any(p.logprobs for p in params),
+        )
+        if any(r.seen is not None for r in reqs):
+            zeros = torch.zeros(self.vocab_size, device=dev)
+            batch.repetition_penalty = torch.tensor([p.repetition_penalty for p in params], device=dev)
+            batch.presence_penalty = torch.tensor([p.presence_penalty for p in params], device=dev)
+            batch.frequency_penalty = torch.tensor([p.frequency_penalty for p in params], device=dev)
+            batch.seen_mask = torch.stack([r.seen if r.seen is not None else zeros.bool() for r in reqs])
+            batch.output_counts = torch.stack([r.counts if r.counts is not None else zeros for r in reqs])
+        banned = [(i, r) for i, r in enumerate(reqs) if r.num_outputs < r.init.sampling.min_new_tokens]
+        if banned:
+            batch.banned = torch.zeros(len(reqs), self.vocab_size, dtype=torch.bool, device=dev)
+            for i, r in banned:
+                stop_ids = [t for t in (*r.init.eos_token_ids, *r.init.sampling.stop_token_ids) if t < self.vocab_size]
+                batch.banned[i, stop_ids] = True
+        return batch

@@ -1,0 +1,107 @@
+"""A request as the scheduler sees it: ids, counters, KV slot indices and an ordered status.
+
+Pure Python. State changes only through the named methods; the scheduler calls them.
+"""
+
+import time
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+from lightvlm.io_struct import ImageRef
+from lightvlm.sampling_params import SamplingParams
+
+# Image rows carry ids far above any vocabulary, derived from the image's hash, so that anything keyed
+# by token ids tells different images apart and shares identical ones. They never reach the embedding
+# table: the model runner writes the image's embeddings over those rows.
+IMAGE_ID_BASE = 100_000_000
+
+
+def image_placeholder_id(key: str) -> int:
+    return IMAGE_ID_BASE + int(key[:7], 16)
+
+
+class ReqStatus(IntEnum):
+    WAITING = 0
+    RUNNING = 1
+    FINISHED_STOPPED = 2  # EOS, a stop id or a stop string
+    FINISHED_LENGTH = 3  # max_new_tokens or the context limit
+    FINISHED_ABORTED = 4  # the client went away, or an error
+
+    @property
+    def is_finished(self) -> bool:
+        return self >= ReqStatus.FINISHED_STOPPED
+
+    @property
+    def finish_reason(self) -> str | None:
+        return {ReqStatus.FINISHED_STOPPED: "stop", ReqStatus.FINISHED_LENGTH: "length",
+                ReqStatus.FINISHED_ABORTED: "abort"}.get(self)
+
+
+@dataclass
+class Req:
+    req_id: int
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    max_total_len: int  # prompt + outputs never exceed this (the context limit)
+    images: tuple[ImageRef, ...] = ()
+    eos_token_ids: frozenset[int] = frozenset()
+    output_ids: list[int] = field(default_factory=list)
+    status: ReqStatus = ReqStatus.WAITING
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    kv_slots: list[int] = field(default_factory=list)
+    arrival_time: float = field(default_factory=time.monotonic)
+    num_preemptions: int = 0
+
+    def __post_init__(self):
+        self.prompt_ids = list(self.prompt_ids)
+        for image in self.images:  # image identity in token ids (see IMAGE_ID_BASE)
+            self.prompt_ids[image.offset:image.offset + image.length] = [image_placeholder_id(image.key)] * image.length
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_tokens_to_compute(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def max_new_tokens(self) -> int:
+        return min(self.sampling.max_new_tokens, self.max_total_len - self.num_prompt_tokens)
+
+    @property
+    def max_kv_tokens(self) -> int:
+        """KV slots this request can hold at most: the last sampled token is never fed back."""
+        return self.num_prompt_tokens + self.max_new_tokens - 1
+
+    def token_at(self, index: int) -> int:
+        n = len(self.prompt_ids)
+        return self.prompt_ids[index] if index < n else self.output_ids[index - n]
+
+    def append_output(self, token: int) -> None:
+        """Record a sampled token and decide whether the request is done."""
+        self.output_ids.append(token)
+        num_out = len(self.output_ids)
+        if num_out >= self.sampling.min_new_tokens:
+            is_eos = not self.sampling.ignore_eos and token in self.eos_token_ids
+            if is_eos or token in self.sampling.stop_token_ids:
+                self.status = ReqStatus.FINISHED_STOPPED
+                return
+        if num_out >= self.max_new_tokens:
+            self.status = ReqStatus.FINISHED_LENGTH
+
+    def finish(self, status: ReqStatus) -> None:
+        assert status.is_finished
+        if not self.status.is_finished:
+            self.status = status
+
+    def reset_for_recompute(self) -> None:
+        """Preempted: the KV is gone, so everything (prompt and outputs so far) is computed again."""
+        self.kv_slots = []
+        self.num_computed_tokens = 0
+        self.status = ReqStatus.WAITING
+        self.num_preemptions += 1

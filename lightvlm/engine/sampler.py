@@ -1,0 +1,133 @@
+"""Batched sampling on the device: one [B, vocab] logits tensor in, one token per row out.
+
+Order (as vLLM and transformers apply them): min-tokens masking, penalties, then for sampling rows
+temperature, top-k, top-p and min-p, then a draw. Greedy rows take the argmax of the penalized logits.
+Rows with a seed draw their randomness from their own generator, so the same seed and request give
+the same tokens whatever else shares the batch.
+
+Penalty semantics: repetition_penalty as transformers' RepetitionPenaltyLogitsProcessor (over prompt
+and output tokens); presence/frequency penalties as OpenAI and vLLM define them (over output tokens).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling parameters as tensors; built by the model runner for each step."""
+
+    temperature: torch.Tensor  # [B] float; rows with is_greedy ignore it
+    top_p: torch.Tensor  # [B] float
+    top_k: torch.Tensor  # [B] long; vocab size when off
+    min_p: torch.Tensor  # [B] float
+    is_greedy: torch.Tensor  # [B] bool
+    generators: list[torch.Generator | None]  # per row; None draws from the global RNG
+    repetition_penalty: torch.Tensor | None = None  # [B] float, when any row uses penalties
+    presence_penalty: torch.Tensor | None = None
+    frequency_penalty: torch.Tensor | None = None
+    seen_mask: torch.Tensor | None = None  # [B, V] bool: token in prompt or output
+    output_counts: torch.Tensor | None = None  # [B, V] float: times generated so far
+    banned: torch.Tensor | None = None  # [B, V] bool: tokens masked out (EOS before min_new_tokens)
+    top_logprobs: int = 0  # return this many alternatives per row (0: none)
+    needs_logprobs: bool = False
+
+    @property
+    def all_greedy(self) -> bool:
+        return bool(self.is_greedy.all())
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """Seen tokens: positive logits divided by the penalty, negative ones multiplied by it."""
+    penalty = penalty[:, None]
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def apply_presence_frequency(logits: torch.Tensor, counts: torch.Tensor, presence: torch.Tensor,
+                             frequency: torch.Tensor) -> torch.Tensor:
+    return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0).to(logits.dtype)
+
+
+def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Keep tokens whose logit is >= the k-th largest (ties at the boundary stay, as transformers)."""
+    vocab = logits.shape[-1]
+    if bool((top_k >= vocab).all()):
+        return logits
+    k = top_k.clamp(1, vocab)
+    kth = torch.topk(logits, int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None])
+    return logits.masked_fill(logits < kth, NEG_INF)
+
+
+def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Drop the least likely tokens whose cumulative probability stays within 1 - top_p; keep >= 1."""
+    if bool((top_p >= 1).all()):
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove_sorted = cumulative <= (1 - top_p)[:, None]
+    remove_sorted[:, -1] = False
+    remove = remove_sorted.scatter(1, order, remove_sorted)
+    return logits.masked_fill(remove, NEG_INF)
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop tokens whose probability is below min_p times the most likely token's (keep >= 1)."""
+    if bool((min_p <= 0).all()):
+        return logits
+    probs = logits.softmax(dim=-1)
+    threshold = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
+    remove = probs < threshold
+    remove.scatter_(1, probs.argmax(dim=-1, keepdim=True), False)
+    return logits.masked_fill(remove, NEG_INF)
+
+
+def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Everything that changes logits before the draw: masks, penalties, temperature, top-k/p, min-p."""
+    if batch.banned is not None:
+        logits = logits.masked_fill(batch.banned, NEG_INF)
+    if batch.repetition_penalty is not None:
+        logits = apply_repetition_penalty(logits, batch.seen_mask, batch.repetition_penalty)
+        logits = apply_presence_frequency(logits, batch.output_counts, batch.presence_penalty,
+                                          batch.frequency_penalty)
+    if batch.all_greedy:
+        return logits
+    temperature = torch.where(batch.is_greedy, 1.0, batch.temperature)
+    logits = logits / temperature[:, None]
+    logits = apply_top_k(logits, batch.top_k)
+    logits = apply_top_p(logits, batch.top_p)
+    return apply_min_p(logits, batch.min_p)
+
+
+def draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """Sample one token per row: argmax(p / q) with q ~ Exp(1) is a draw from p (the exponential race)."""
+    q = torch.empty_like(probs)
+    if any(g is not None for g in generators):
+        for row, generator in enumerate(generators):
+            q[row].exponential_(generator=generator)
+    else:
+        q.exponential_()
+    return (probs / q).argmax(dim=-1)
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch):
+    """logits [B, V] fp32 -> (tokens [B] long, logprobs [B] or None, top (ids, logprobs) or None).
+
+    Logprobs are those of the model's raw distribution (log-softmax of `logits`) for the chosen token.
+    """
+    processed = process_logits(logits, batch)
+    greedy_tokens = processed.argmax(dim=-1)
+    if batch.all_greedy:
+        tokens = greedy_tokens
+    else:
+        sampled = draw(processed.softmax(dim=-1), batch.generators)
+        tokens = torch.where(batch.is_greedy, greedy_tokens, sampled)
+    if not batch.needs_logprobs:
+        return tokens, None, None
+    logprobs = logits.log_softmax(dim=-1)
+    chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)
+    top = torch.topk(logprobs, batch.top_logprobs, dim=-1) if batch.top_logprobs else None
+    return tokens, chosen, top

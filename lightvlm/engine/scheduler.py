@@ -1,0 +1,193 @@
+"""Continuous token-level batching: which requests compute how many tokens in the next step.
+
+Policy only: pure Python, no torch, no sockets. There is no prefill or decode phase, only tokens
+still to compute: a running request asks for its remaining prompt (in chunks that fit the step's
+token budget) or for its one newest token. Waiting requests join between steps when the batch's
+predicted peak KV use still fits; under pressure the newest running request is preempted (its KV
+freed, recomputed later) rather than anything failing.
+"""
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from lightvlm.engine.req import Req, ReqStatus
+from lightvlm.engine.token_allocator import TokenAllocator
+from lightvlm.io_struct import ReqInit, StepInput
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_total_token_num: int  # KV slots in the pool
+    batch_max_tokens: int  # tokens computed per step, prefill chunks included
+    running_max_req_size: int  # requests in the running batch
+
+
+@dataclass
+class ScheduledReq:
+    req: Req
+    num_new_tokens: int
+    new_slots: list[int]
+
+    @property
+    def samples(self) -> bool:
+        """The step reaches the request's newest token, so a next token is sampled."""
+        return self.req.num_computed_tokens + self.num_new_tokens == self.req.num_tokens
+
+
+@dataclass
+class Batch:
+    items: list[ScheduledReq] = field(default_factory=list)
+    new_reqs: list[Req] = field(default_factory=list)  # scheduled for the first time (or again)
+    released: list[int] = field(default_factory=list)  # finished or preempted since the last step
+
+    def to_step_input(self) -> StepInput:
+        input_ids, slots = [], []
+        for item in self.items:
+            start = item.req.num_computed_tokens
+            input_ids.extend(item.req.token_at(i) for i in range(start, start + item.num_new_tokens))
+            slots.extend(item.new_slots)
+        return StepInput(
+            req_ids=tuple(item.req.req_id for item in self.items),
+            num_new_tokens=tuple(item.num_new_tokens for item in self.items),
+            input_ids=tuple(input_ids),
+            new_slots=tuple(slots),
+            samples=tuple(item.samples for item in self.items),
+            new_reqs=tuple(ReqInit(r.req_id, r.num_prompt_tokens, r.sampling, tuple(sorted(r.eos_token_ids)),
+                                   r.images) for r in self.new_reqs),
+            released=tuple(self.released),
+        )
+
+
+def predicted_peak(usages: list[tuple[int, int]]) -> int:
+    """Peak KV use of requests given as (slots held now, slots still to grow).
+
+    Every request grows one slot per step until it is done, then frees everything. Sorted by
+    remaining growth r, just before the request with growth r_k finishes, every request with r >= r_k
+    is alive and holds its current slots plus r_k: the peak is the largest of those sums.
+    """
+    peak, alive_held = 0, 0
+    by_growth = sorted(usages, key=lambda u: u[1], reverse=True)
+    for count, (held, growth) in enumerate(by_growth, start=1):
+        alive_held += held
+        peak = max(peak, alive_held + count * growth)
+    return peak
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, allocator: TokenAllocator | None = None):
+        self.config = config
+        self.allocator = allocator or TokenAllocator(config.max_total_token_num)
+        self.waiting: deque[Req] = deque()
+        self.running: list[Req] = []
+        self._released: list[int] = []
+        self._sent: set[int] = set()  # requests the workers hold state for
+
+    # -- requests in and out -------------------------------------------------------------------
+
+    def add(self, req: Req) -> None:
+        if req.max_kv_tokens > self.config.max_total_token_num:
+            raise ValueError(f"request {req.req_id} needs up to {req.max_kv_tokens} KV slots but the pool "
+                             f"has {self.config.max_total_token_num}")
+        self.waiting.append(req)
+
+    def abort(self, req_id: int) -> Req | None:
+        for req in (*self.running, *self.waiting):
+            if req.req_id == req_id:
+                req.finish(ReqStatus.FINISHED_ABORTED)
+                self._remove(req)
+                return req
+        return None
+
+    def finish(self, req: Req, status: ReqStatus) -> None:
+        """End a request from outside the step (a stop string matched, an error)."""
+        req.finish(status)
+        self._remove(req)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _remove(self, req: Req) -> None:
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self._free(req)
+
+    def _free(self, req: Req) -> None:
+        if req.kv_slots:
+            self.allocator.free(req.kv_slots)
+            req.kv_slots = []
+        if req.req_id in self._sent:
+            self._sent.discard(req.req_id)
+            self._released.append(req.req_id)
+
+    # -- one step ------------------------------------------------------------------------------
+
+    def schedule(self) -> Batch | None:
+        """Pick the next step's work and allocate its KV slots. None when there is nothing to do."""
+        batch = Batch()
+        budget = self.config.batch_max_tokens
+        for req in list(self.running):
+            if budget == 0:
+                break
+            if req not in self.running:  # preempted to make room for an older request
+                continue
+            n = min(req.num_tokens_to_compute, budget)
+            if n and self._make_room(n, req):
+                batch.items.append(self._take(req, n))
+                budget -= n
+        while self.waiting and budget and len(self.running) < self.config.running_max_req_size:
+            req = self.waiting[0]
+            n = min(req.num_tokens_to_compute, budget)
+            if not self._fits(req) or not self.allocator.can_alloc(n):
+                break  # first come, first served: later arrivals wait behind it
+            self.waiting.popleft()
+            req.status = ReqStatus.RUNNING
+            self.running.append(req)
+            batch.items.append(self._take(req, n))
+            budget -= n
+        for item in batch.items:
+            if item.req.req_id not in self._sent:
+                self._sent.add(item.req.req_id)
+                batch.new_reqs.append(item.req)
+        batch.released, self._released = self._released, []
+        return batch if batch.items else None
+
+    def _take(self, req: Req, n: int) -> ScheduledReq:
+        slots = self.allocator.alloc(n)
+        req.kv_slots.extend(slots)  # owned from now on, so an abort frees them too
+        return ScheduledReq(req, n, slots)
+
+    def _fits(self, candidate: Req) -> bool:
+        usages = [(len(r.kv_slots), max(0, r.max_kv_tokens - len(r.kv_slots))) for r in self.running]
+        usages.append((0, candidate.max_kv_tokens))
+        return predicted_peak(usages) <= self.config.max_total_token_num
+
+    def _make_room(self, n: int, req: Req) -> bool:
+        """Free slots for `req` by preempting the most recently admitted requests behind it (not yet
+        scheduled in this step). False if none is left to preempt."""
+        while not self.allocator.can_alloc(n):
+            victim = self.running[-1]
+            if victim is req:
+                return False
+            self.running.pop()
+            self._free(victim)
+            victim.reset_for_recompute()
+            self.waiting.appendleft(victim)
+        return True
+
+    def update(self, batch: Batch, sampled: dict[int, int]) -> list[Req]:
+        """Advance counters after the step; `sampled` maps req id -> token. Returns requests that finished."""
+        finished = []
+        for item in batch.items:
+            req = item.req
+            if req.status.is_finished:  # aborted while the step ran; its slots are already free
+                continue
+            req.num_computed_tokens += item.num_new_tokens
+            if req.req_id in sampled:
+                req.append_output(sampled[req.req_id])
+            if req.status.is_finished:
+                self._remove(req)
+                finished.append(req)
+        return finished

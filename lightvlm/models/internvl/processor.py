@@ -1,0 +1,113 @@
+"""InternVL's processor: dynamic tiling and `<img>` + tiles x t `<IMG_CONTEXT>` + `</img>` spans.
+
+An image is resized onto the grid of tiles (between min_patches and max_patches of them) whose aspect
+ratio is closest to its own, cut into tiles, and, when there is more than one tile, followed by a
+thumbnail of the whole image. Each tile becomes `tokens_per_tile` embedding rows.
+
+`INTERNVL_IMAGE_LENGTH` (env) sets tokens per tile; it must agree with the vision geometry.
+"""
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from lightvlm.models.processor import BaseProcessor, ImageLayout, read_json, rescale_and_normalize, to_rgb
+
+
+def candidate_grids(min_tiles: int, max_tiles: int) -> list[tuple[int, int]]:
+    """(columns, rows) grids with min_tiles <= columns*rows <= max_tiles, fewest tiles first."""
+    grids = [(c, r) for c in range(1, max_tiles + 1) for r in range(1, max_tiles + 1)
+             if min_tiles <= c * r <= max_tiles]
+    return sorted(grids, key=lambda g: g[0] * g[1])  # stable: ties keep the column-major order
+
+
+@lru_cache(maxsize=1024)
+def best_grid(width: int, height: int, tile: int, min_tiles: int, max_tiles: int) -> tuple[int, int]:
+    """The grid whose aspect ratio is closest to the image's. On a tie the grid with more tiles wins
+    while the image's area is still more than half the grid's area."""
+    aspect = width / height
+    best, best_diff = (1, 1), float("inf")
+    for columns, rows in candidate_grids(min_tiles, max_tiles):
+        diff = abs(aspect - columns / rows)
+        if diff < best_diff:
+            best, best_diff = (columns, rows), diff
+        elif diff == best_diff and width * height > 0.5 * tile * tile * columns * rows:
+            best = (columns, rows)
+    return best
+
+
+def image_length_from_env(geometry_tokens: int) -> int:
+    """Tokens per tile: INTERNVL_IMAGE_LENGTH if set (it must match the checkpoint), else the geometry."""
+    value = os.environ.get("INTERNVL_IMAGE_LENGTH")
+    if not value:
+        return geometry_tokens
+    try:
+        tokens = int(value)
+    except ValueError:
+        raise ValueError(f"INTERNVL_IMAGE_LENGTH={value!r} is not an integer") from None
+    if tokens != geometry_tokens:
+        raise ValueError(f"INTERNVL_IMAGE_LENGTH={tokens} contradicts the checkpoint, whose vision tower gives "
+                         f"{geometry_tokens} tokens per tile ((image_size / patch_size)^2 x downsample_ratio^2); "
+                         f"unset it or set it to {geometry_tokens}")
+    return tokens
+
+
+class InternVLProcessor(BaseProcessor):
+    image_token = "<IMG_CONTEXT>"
+
+    def __init__(self, model_dir: str | Path, tokens_per_tile: int):
+        """tokens_per_tile: what the checkpoint's vision geometry gives (InternVLConfig.tokens_per_tile)."""
+        super().__init__(model_dir)
+        pre = read_json(self.model_dir / "preprocessor_config.json")
+        size = pre.get("size", {"height": 448, "width": 448})
+        if size.get("height") != size.get("width"):
+            raise ValueError(f"InternVL tiles must be square, preprocessor_config.json has size={size}")
+        self.tile_size = size["height"]
+        self.min_tiles = pre.get("min_patches", 1)
+        self.max_tiles = pre.get("max_patches", 12)
+        # InternVLProcessor turns tiling on whatever the image processor's own default says.
+        self.crop_to_patches = read_json(self.model_dir / "processor_config.json").get("crop_to_patches", True)
+        self.resample = Image.Resampling(pre.get("resample", Image.Resampling.BICUBIC))
+        self.rescale_factor = pre.get("rescale_factor", 1 / 255)
+        self.image_mean = pre.get("image_mean", [0.485, 0.456, 0.406])
+        self.image_std = pre.get("image_std", [0.229, 0.224, 0.225])
+
+        self.tokens_per_tile = image_length_from_env(tokens_per_tile)
+        declared = read_json(self.model_dir / "processor_config.json").get("image_seq_length")
+        if declared is not None and declared != self.tokens_per_tile:
+            raise ValueError(f"processor_config.json says image_seq_length={declared} but the vision tower gives "
+                             f"{self.tokens_per_tile} tokens per tile")
+        vocab = self.tokenizer.convert_tokens_to_ids
+        self.start_id, self.end_id = vocab("<img>"), vocab("</img>")
+
+    @property
+    def settings(self) -> str:
+        return (f"internvl tile={self.tile_size} tiles={self.min_tiles}-{self.max_tiles} crop={self.crop_to_patches} "
+                f"tokens={self.tokens_per_tile} resample={int(self.resample)} scale={self.rescale_factor} "
+                f"mean={self.image_mean} std={self.image_std}")
+
+    def grid(self, width: int, height: int) -> tuple[int, int]:
+        if not self.crop_to_patches or self.max_tiles <= 1:
+            return 1, 1
+        return best_grid(width, height, self.tile_size, self.min_tiles, self.max_tiles)
+
+    def image_layout(self, width: int, height: int) -> ImageLayout:
+        columns, rows = self.grid(width, height)
+        num_tiles = columns * rows + (1 if columns * rows > 1 else 0)  # + thumbnail
+        num_rows = num_tiles * self.tokens_per_tile
+        span = (self.start_id, *([self.image_token_id] * num_rows), self.end_id)
+        return ImageLayout(num_tiles=num_tiles, num_rows=num_rows, span_ids=span, first_row=1)
+
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        image = to_rgb(image)
+        columns, rows = self.grid(*image.size)
+        s = self.tile_size
+        resized = np.asarray(image.resize((s * columns, s * rows), resample=self.resample))  # [H, W, 3]
+        tiles = [resized[r * s:(r + 1) * s, c * s:(c + 1) * s]
+                 for r in range(rows) for c in range(columns)]
+        if len(tiles) > 1:
+            tiles.append(np.asarray(image.resize((s, s), resample=self.resample)))
+        return rescale_and_normalize(np.stack(tiles), self.rescale_factor, self.image_mean, self.image_std)

@@ -1,0 +1,180 @@
+"""The decoder-only language model shared by every family (Qwen2 and Llama style backbones).
+
+The model never sees the KV cache. Each attention layer projects q, k, v for the step's tokens and
+hands them to `state.attention(layer_id, q, k, v)`; the engine's InferState writes k, v into the
+token-indexed KV buffer and attends over each request's gathered context.
+
+Shapes: T is the number of tokens in the step (all requests flattened), H the hidden size.
+"""
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from lightvlm.common.distributed import SINGLE, TPGroup, divide
+from lightvlm.models.layers.activation import silu_and_mul
+from lightvlm.models.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from lightvlm.models.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from lightvlm.models.layers.norm import RMSNorm
+from lightvlm.models.layers.rotary import RotaryEmbedding
+
+SUPPORTED_BACKBONES = ("qwen2", "llama")
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """What the decoder needs from a Hugging Face text config (`config.json` or its `text_config`)."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    hidden_act: str
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    tie_word_embeddings: bool
+    eos_token_id: int | list[int] | None
+
+    @classmethod
+    def from_hf(cls, hf: dict, tie_word_embeddings: bool | None = None) -> "TextConfig":
+        model_type = hf.get("model_type", "llama")
+        if model_type not in SUPPORTED_BACKBONES:
+            supported = ", ".join(SUPPORTED_BACKBONES)
+            raise ValueError(f"unsupported language model type {model_type!r}; supported: {supported}")
+        if hf.get("use_sliding_window"):
+            raise ValueError("Qwen2 sliding-window attention (use_sliding_window=true) is not supported")
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        if "type" in rope and "rope_type" not in rope:
+            rope["rope_type"] = rope.pop("type")
+        theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        num_heads = hf["num_attention_heads"]
+        attention_bias = hf.get("attention_bias", False)
+        if tie_word_embeddings is None:
+            tie_word_embeddings = hf.get("tie_word_embeddings", False)
+        return cls(
+            model_type=model_type,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=rope if rope.get("rope_type", "default") != "default" else None,
+            max_position_embeddings=hf.get("max_position_embeddings", 32768),
+            hidden_act=hf.get("hidden_act", "silu"),
+            qkv_bias=True if model_type == "qwen2" else attention_bias,
+            o_bias=False if model_type == "qwen2" else attention_bias,
+            mlp_bias=hf.get("mlp_bias", False),
+            tie_word_embeddings=tie_word_embeddings,
+            eos_token_id=hf.get("eos_token_id"),
+        )
+
+
+class AttentionBackend(Protocol):
+    """What a decoder layer asks of the step: positions for rotary, and attention over the KV cache."""
+
+    positions: torch.Tensor  # [T]
+
+    def attention(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: [T, heads, D], k/v: [T, kv_heads, D] -> [T, heads * D]; stores k, v for later steps."""
+        ...
+
+
+class DecoderAttention(nn.Module):
+    def __init__(self, config: TextConfig, layer_id: int, rotary: RotaryEmbedding, tp: TPGroup):
+        super().__init__()
+        self.layer_id = layer_id
+        self.rotary = rotary
+        self.head_dim = config.head_dim
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, config.head_dim, config.num_heads,
+                                          config.num_kv_heads, config.qkv_bias, tp)
+        self.o_proj = RowParallelLinear(config.num_heads * config.head_dim, config.hidden_size, config.o_bias, tp)
+
+    def forward(self, x: torch.Tensor, state: AttentionBackend) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split(self.qkv_proj.sizes, dim=-1)
+        q = q.view(q.shape[0], -1, self.head_dim)  # [T, heads, D]
+        k = k.view(k.shape[0], -1, self.head_dim)  # [T, kv_heads, D]
+        v = v.view(v.shape[0], -1, self.head_dim)
+        q, k = self.rotary(q, k, state.positions)
+        return self.o_proj(state.attention(self.layer_id, q, k, v))
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, config: TextConfig, tp: TPGroup):
+        super().__init__()
+        if config.hidden_act != "silu":
+            raise ValueError(f"the gated MLP supports hidden_act='silu', got {config.hidden_act!r}")
+        self.gate_up_proj = MergedColumnParallelLinear(
+            config.hidden_size, [config.intermediate_size] * 2, config.mlp_bias, tp)
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, config.mlp_bias, tp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: TextConfig, layer_id: int, rotary: RotaryEmbedding, tp: TPGroup):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = DecoderAttention(config, layer_id, rotary, tp)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = GatedMLP(config, tp)
+
+    def forward(self, x: torch.Tensor, state: AttentionBackend) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), state)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    """Embedding table, decoder layers and final norm: `language_model` in HF checkpoints."""
+
+    def __init__(self, config: TextConfig, tp: TPGroup = SINGLE):
+        super().__init__()
+        divide(config.num_heads, tp.size, "number of attention heads")
+        rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
+                                 config.rope_scaling)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, rotary, tp) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = rotary  # registered once here; the layers share it
+
+    def forward(self, embeds: torch.Tensor, state: AttentionBackend, rows: torch.Tensor) -> torch.Tensor:
+        """embeds: [T, H] -> the final-norm hidden states of `rows` only: [len(rows), H]."""
+        x = embeds
+        for layer in self.layers:
+            x = layer(x, state)
+        return self.norm(x[rows])
+
+
+class CausalLM(nn.Module):
+    """A decoder plus its LM head; `embed` and `forward` are split so a VLM can splice in images."""
+
+    def __init__(self, config: TextConfig, tp: TPGroup = SINGLE):
+        super().__init__()
+        self.config = config
+        self.language_model = DecoderModel(config, tp)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.language_model.embed_tokens.weight
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.language_model.embed_tokens(ids)
+
+    def forward(self, embeds: torch.Tensor, state: AttentionBackend, logit_rows: torch.Tensor) -> torch.Tensor:
+        """Runs the decoder over all T rows and returns logits [len(logit_rows), vocab] in fp32."""
+        hidden = self.language_model(embeds, state, logit_rows)
+        return self.lm_head.compute_logits(hidden).float()

@@ -1,0 +1,106 @@
+"""Model families, found by the checkpoint's `architectures[0]`.
+
+A family says how to read its config, which module is its visual half and which its language half,
+which processor prepares its prompts, and how checkpoint tensor names map onto its modules.
+Adding a family means adding one entry here (see docs/models.md).
+"""
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from lightvlm.models.weight_loader import CheckpointError
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    name: str
+    parse_config: Callable[[dict], object]  # HF config.json -> our frozen config
+    visual_module: Callable  # (config, tp) -> nn.Module: pixel tiles -> image embeddings
+    language_module: Callable  # (config, tp) -> CausalLM
+    processor_class: str  # "module:Class", imported where needed (the httpserver imports only it)
+    make_processor: Callable  # (model_dir, config) -> processor
+    rename: Callable[[str], "tuple[str, str] | None"]  # checkpoint name -> ("visual"|"language", our name)
+
+
+def _internvl_rename(name: str) -> tuple[str, str] | None:
+    """Both checkpoint layouts: transformers >= 4.52 (`model.language_model.*`, `lm_head.*`) and older
+    (`language_model.model.*`, `language_model.lm_head.*`, `vision_tower.*` at top level)."""
+    name = name.removeprefix("model.")
+    if name.startswith("language_model.model."):
+        return "language", "language_model." + name.removeprefix("language_model.model.")
+    if name.startswith("language_model.lm_head."):
+        return "language", name.removeprefix("language_model.")
+    if name.startswith(("language_model.", "lm_head.")):
+        return "language", name
+    if name.startswith(("vision_tower.", "multi_modal_projector.")):
+        return "visual", name
+    return None
+
+
+def _internvl() -> ModelFamily:
+    from lightvlm.models.internvl.config import InternVLConfig
+    from lightvlm.models.internvl.model import InternVLLanguage, InternVLVisual
+    from lightvlm.models.internvl.processor import InternVLProcessor
+
+    return ModelFamily(
+        name="internvl",
+        parse_config=InternVLConfig.from_hf,
+        visual_module=InternVLVisual,
+        language_module=InternVLLanguage,
+        processor_class="lightvlm.models.internvl.processor:InternVLProcessor",
+        make_processor=lambda model_dir, config: InternVLProcessor(model_dir, config.tokens_per_tile),
+        rename=_internvl_rename,
+    )
+
+
+# architectures[0] -> family factory (imported lazily so that reading the registry costs nothing)
+ARCHITECTURES: dict[str, Callable[[], ModelFamily]] = {
+    "InternVLForConditionalGeneration": _internvl,
+}
+
+
+def read_hf_config(model_dir: str | Path) -> dict:
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise CheckpointError(f"model folder {model_dir} does not exist")
+    path = model_dir / "config.json"
+    if not path.exists():
+        raise CheckpointError(f"{model_dir} has no config.json; is it a Hugging Face checkpoint folder?")
+    return json.loads(path.read_text())
+
+
+def get_family(hf_config: dict) -> ModelFamily:
+    architectures = hf_config.get("architectures") or []
+    name = architectures[0] if architectures else None
+    if name not in ARCHITECTURES:
+        raise CheckpointError(f"unsupported architecture {name!r}; supported: {', '.join(sorted(ARCHITECTURES))}")
+    return ARCHITECTURES[name]()
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """A checkpoint folder read once: its family and its parsed config."""
+
+    model_dir: Path
+    family: ModelFamily
+    config: object
+    hf_config: dict
+
+    @classmethod
+    def open(cls, model_dir: str | Path) -> "LoadedCheckpoint":
+        hf = read_hf_config(model_dir)
+        family = get_family(hf)
+        return cls(Path(model_dir), family, family.parse_config(hf), hf)
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """generation_config.json's EOS ids (what transformers' generate stops on), else config.json's."""
+        path = self.model_dir / "generation_config.json"
+        eos = json.loads(path.read_text()).get("eos_token_id") if path.exists() else None
+        if eos is None:
+            eos = self.hf_config.get("eos_token_id", self.hf_config.get("text_config", {}).get("eos_token_id"))
+        if eos is None:
+            return ()
+        return tuple(eos) if isinstance(eos, list) else (eos,)

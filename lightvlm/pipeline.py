@@ -1,0 +1,268 @@
+"""The offline shell: every engine component in one process, one loop (shaped like LMDeploy's).
+
+    from lightvlm import pipeline, GenerationConfig
+    pipe = pipeline(model_dir)
+    r = pipe(("Describe this image.", pil_image), gen_config=GenerationConfig(max_new_tokens=32))
+    rs = pipe([conversation, "text only"])
+
+Prompts: a string; a (text, image) or (text, [images]) tuple (images go before the text); or a
+conversation of OpenAI-style messages whose parts are text, image_url (http(s) or data: URL) or
+{"type": "image", "image": PIL.Image}. Every prompt goes through the checkpoint's chat template with
+the generation prompt added. A list of prompts is a batch.
+
+The loop is the server's loop without the processes: schedule, run the model, sample, update.
+`add_request` and `step` are public so that requests can join while others are decoding.
+"""
+
+import base64
+import hashlib
+import io
+import sys
+import types
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from lightvlm.config import load_workers
+from lightvlm.engine.detokenizer import Detokenizer
+from lightvlm.engine.model_runner import ModelRunner, RunnerConfig
+from lightvlm.engine.req import Req
+from lightvlm.engine.scheduler import Scheduler, SchedulerConfig
+from lightvlm.engine.visual_encoder import VisualEncoder
+from lightvlm.io_struct import ImageRef, TokenLogprob
+from lightvlm.models.processor import split_messages
+from lightvlm.models.registry import LoadedCheckpoint
+from lightvlm.models.weight_loader import resolve_dtype
+from lightvlm.sampling_params import SamplingParams
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 512
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    ignore_eos: bool = False
+    seed: int | None = None
+    stop_words: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    skip_special_tokens: bool = True
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    def to_sampling_params(self) -> SamplingParams:
+        return SamplingParams(
+            max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens, do_sample=self.do_sample,
+            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty, seed=self.seed, ignore_eos=self.ignore_eos,
+            stop_sequences=list(self.stop_words or []), stop_token_ids=list(self.stop_token_ids or []),
+            skip_special_tokens=self.skip_special_tokens, logprobs=self.logprobs or self.top_logprobs > 0,
+            top_logprobs=self.top_logprobs,
+        ).validate()
+
+
+@dataclass
+class Response:
+    text: str
+    token_ids: list[int]  # generated ids, ending with the EOS id when generation stopped on it
+    finish_reason: str  # "stop" | "length"
+    input_token_len: int  # prompt ids, image rows included
+    generate_token_len: int
+    index: int = 0
+    logprobs: list[TokenLogprob] | None = None
+
+
+def load_image(source) -> Image.Image:
+    """A PIL image from a PIL image, bytes, a data: URL, an http(s) URL or a file path."""
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, bytes):
+        return Image.open(io.BytesIO(source))
+    if not isinstance(source, (str, Path)):
+        raise ValueError(f"cannot read an image from {type(source).__name__}")
+    source = str(source)
+    if source.startswith("data:"):
+        return Image.open(io.BytesIO(base64.b64decode(source.split(",", 1)[1])))
+    if source.startswith(("http://", "https://")):
+        with urllib.request.urlopen(source, timeout=30) as response:
+            return Image.open(io.BytesIO(response.read()))
+    return Image.open(source)
+
+
+def image_key(image: Image.Image, settings: str) -> str:
+    """MD5 over the decoded pixels and the preprocessing settings: the image's name everywhere."""
+    digest = hashlib.md5(f"{image.mode}:{image.size}:{settings}".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+def to_messages(prompt) -> list[dict]:
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    if isinstance(prompt, tuple):
+        text, images = prompt
+        images = images if isinstance(images, list) else [images]
+        parts = [{"type": "image", "image": image} for image in images]
+        return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
+    if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
+        return prompt
+    raise ValueError(f"unsupported prompt type {type(prompt).__name__}: use a string, a (text, image) tuple "
+                     "or a list of messages")
+
+
+def is_batch(prompts) -> bool:
+    return isinstance(prompts, list) and not all(isinstance(m, dict) for m in prompts)
+
+
+class ImageStore(dict):
+    """Image key -> embedding rows, with a count of the requests holding each entry."""
+
+    def __init__(self):
+        super().__init__()
+        self.holders: dict[str, int] = {}
+
+    def acquire(self, key: str) -> None:
+        self.holders[key] = self.holders.get(key, 0) + 1
+
+    def release(self, key: str) -> None:
+        self.holders[key] -= 1
+        if self.holders[key] == 0:
+            del self.holders[key], self[key]
+
+
+class Pipeline:
+    def __init__(self, model_dir: str | Path, tp: int = 1, max_batch_size: int = 64, session_len: int | None = None,
+                 max_total_token_num: int | None = None, batch_max_tokens: int | None = None,
+                 data_type: str | None = None, device: str | None = None, visual_batch_tiles: int = 16,
+                 show_progress: bool = False):
+        if tp != 1:
+            raise ValueError("the offline pipeline runs tp=1; start the server (--tp N) for tensor parallelism")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        ckpt = LoadedCheckpoint.open(model_dir)
+        dtype = resolve_dtype(data_type, device, model_dir)
+        self.processor = ckpt.family.make_processor(model_dir, ckpt.config)
+        self.session_len = session_len or ckpt.config.text.max_position_embeddings
+        num_slots = max_total_token_num or max_batch_size * self.session_len
+        self.eos_token_ids = frozenset(ckpt.eos_token_ids)
+        self.images = ImageStore()
+        workers = load_workers()
+        self.visual = VisualEncoder(ckpt, dtype, device, max_batch_tiles=visual_batch_tiles, load_workers=workers,
+                                    show_progress=show_progress)
+        runner_config = RunnerConfig(num_slots=num_slots, max_reqs=max_batch_size, max_len=self.session_len,
+                                     dtype=dtype, device=device, load_workers=workers)
+        self.runner = ModelRunner(ckpt, runner_config, self.images, show_progress=show_progress)
+        self.scheduler = Scheduler(SchedulerConfig(max_total_token_num=num_slots,
+                                                   batch_max_tokens=batch_max_tokens or max(self.session_len, 2048),
+                                                   running_max_req_size=max_batch_size))
+        self.detokenizer = Detokenizer(self.processor.tokenizer)
+        self._next_id = 0
+        self._reqs: dict[int, Req] = {}
+        self._logprobs: dict[int, list[TokenLogprob]] = {}
+
+    def __call__(self, prompts, gen_config: GenerationConfig | None = None):
+        batch = is_batch(prompts)
+        req_ids = self.add_requests(prompts if batch else [prompts], gen_config)
+        done: dict[int, Response] = {}
+        while len(done) < len(req_ids):
+            done.update((r.index, r) for r in self.step())
+        responses = [done[i] for i in req_ids]
+        return responses if batch else responses[0]
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def add_request(self, prompt, gen_config: GenerationConfig | None = None) -> int:
+        return self.add_requests([prompt], gen_config)[0]
+
+    def add_requests(self, prompts: list, gen_config: GenerationConfig | None = None) -> list[int]:
+        """Tokenize, encode every new image in one batch, and queue the requests. Returns their ids."""
+        params = (gen_config or GenerationConfig()).to_sampling_params()
+        prepared = []
+        for prompt in prompts:
+            messages, sources = split_messages(to_messages(prompt))
+            images = [load_image(s) for s in sources]
+            encoded = self.processor.encode_chat(messages, [im.size for im in images])
+            if len(encoded.input_ids) >= self.session_len:
+                raise ValueError(f"the prompt has {len(encoded.input_ids)} tokens; session_len is {self.session_len}")
+            prepared.append((encoded, images, [image_key(im, self.processor.settings) for im in images]))
+        self._encode_images([(im, key) for _, images, keys in prepared for im, key in zip(images, keys)])
+        req_ids = []
+        for encoded, _, keys in prepared:
+            req = Req(req_id=self._next_id, prompt_ids=encoded.input_ids, sampling=params,
+                      max_total_len=self.session_len, eos_token_ids=self.eos_token_ids,
+                      images=tuple(ImageRef(k, s.offset, s.length) for k, s in zip(keys, encoded.image_spans)))
+            for key in keys:
+                self.images.acquire(key)
+            self._next_id += 1
+            self._reqs[req.req_id] = req
+            self._logprobs[req.req_id] = []
+            self.scheduler.add(req)
+            self.detokenizer.add(req.req_id, params.skip_special_tokens, params.stop_sequences)
+            req_ids.append(req.req_id)
+        return req_ids
+
+    def _encode_images(self, items: list[tuple[Image.Image, str]]) -> None:
+        todo = {key: image for image, key in items if key not in self.images}
+        pixels = [self.processor.preprocess(image) for image in todo.values()]
+        for key, embeds in zip(todo, self.visual.encode(pixels)):
+            self.images[key] = embeds
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    def step(self) -> list[Response]:
+        """One engine iteration. Returns the requests that finished in it."""
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        out = self.runner.step(batch.to_step_input())
+        sampled = dict(zip(out.req_ids, out.token_ids))
+        finished = self.scheduler.update(batch, sampled)
+        for i, (req_id, token) in enumerate(sampled.items()):
+            req = self._reqs[req_id]
+            if out.logprobs is not None:
+                self._logprobs[req_id].append(out.logprobs[i])
+            _, stopped = self.detokenizer.push(req_id, token, len(req.output_ids) > req.sampling.min_new_tokens)
+            if stopped and not req.status.is_finished:
+                self.scheduler.finish(req, req.status.FINISHED_STOPPED)
+                finished.append(req)
+        return [self._respond(req) for req in finished]
+
+    def _respond(self, req: Req) -> Response:
+        text = self.detokenizer.flush(req.req_id)
+        state = self.detokenizer.remove(req.req_id)
+        for image in req.images:
+            self.images.release(image.key)
+        del self._reqs[req.req_id]
+        logprobs = self._logprobs.pop(req.req_id)
+        return Response(text=state.text if state else text, token_ids=list(req.output_ids),
+                        finish_reason=req.status.finish_reason, input_token_len=req.num_prompt_tokens,
+                        generate_token_len=len(req.output_ids), index=req.req_id,
+                        logprobs=logprobs if req.sampling.logprobs else None)
+
+
+def pipeline(model_dir: str | Path, **kwargs) -> Pipeline:
+    return Pipeline(model_dir, **kwargs)
+
+
+class _CallableModule(types.ModuleType):
+    """`from lightvlm import pipeline` must give something callable even after `lightvlm.pipeline` (this
+    module) was imported, which rebinds the package attribute to the module: so the module is callable."""
+
+    def __call__(self, model_dir: str | Path, **kwargs) -> Pipeline:
+        return Pipeline(model_dir, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

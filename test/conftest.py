@@ -1,0 +1,35 @@
+"""Shared fixtures: the tiny demo checkpoints (built once per session) and the test images."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from lightvlm.models.demo import build_demo_checkpoint
+
+
+def pytest_configure(config):
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def checkpoints_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("checkpoints")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(checkpoints_dir) -> Path:
+    """InternVL, Qwen2 backbone, under 1M parameters."""
+    return build_demo_checkpoint(checkpoints_dir / "tiny-qwen2", size="tiny", backbone="qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(checkpoints_dir) -> Path:
+    """InternVL, Llama backbone with other shapes: 6 heads / 2 KV heads, 3 layers, 96-pixel tiles."""
+    return build_demo_checkpoint(checkpoints_dir / "tiny-llama", size="tiny", backbone="llama")
+
+
+@pytest.fixture(scope="session", params=["tiny_qwen2", "tiny_llama"])
+def tiny_checkpoint(request) -> Path:
+    return request.getfixturevalue(request.param)
+

@@ -1,0 +1,103 @@
+"""Our InternVL processor builds the ids and pixels transformers' InternVLProcessor builds."""
+
+import numpy as np
+import pytest
+import torch
+from helpers import load_image
+from hf_reference import hf_processor
+
+from lightvlm.models.internvl.processor import InternVLProcessor, best_grid, candidate_grids
+from lightvlm.models.processor import PromptError, split_messages
+from lightvlm.models.registry import LoadedCheckpoint
+
+ALL_IMAGES = ["coffee.jpg", "chelsea.png", "chelsea_rgba.png", "coffee_palette.png", "camera_gray.png",
+              "coffee_strip_600x40.jpg", "astronaut_10x10.png", "coffee.webp", "rocket.jpg"]
+
+
+@pytest.fixture(scope="module")
+def processors():
+    return {}
+
+
+@pytest.fixture
+def ours(tiny_checkpoint, processors):
+    if tiny_checkpoint not in processors:
+        ckpt = LoadedCheckpoint.open(tiny_checkpoint)
+        processors[tiny_checkpoint] = ckpt.family.make_processor(tiny_checkpoint, ckpt.config)
+    return processors[tiny_checkpoint]
+
+
+def conversation(images):
+    """Three turns, images in the first and the third, system prompt, OpenAI-style parts."""
+    return [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": [{"type": "image", "image": images[0]},
+                                     {"type": "text", "text": "What is this? Answer in one word."}]},
+        {"role": "assistant", "content": "A cup."},
+        {"role": "user", "content": [{"type": "text", "text": "And here, which colors do you see?"},
+                                     *({"type": "image", "image": im} for im in images[1:])]},
+    ]
+
+
+
+
+@pytest.mark.parametrize("name", ALL_IMAGES)
+def test_ids_and_pixels_equal_transformers(ours, tiny_checkpoint, name):
+    images = [load_image(name), load_image("rocket.jpg")]
+    messages = conversation(images)
+    reference = hf_processor(tiny_checkpoint).apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    templated, sources = split_messages(messages)
+    prompt = ours.encode_chat(templated, [im.size for im in sources])
+    assert prompt.input_ids == reference["input_ids"][0].tolist()
+    pixels = np.concatenate([ours.preprocess(im) for im in sources])
+    assert torch.equal(torch.from_numpy(pixels), reference["pixel_values"])
+    # spans point at the <IMG_CONTEXT> rows, one span per image, in order
+    context_id = ours.image_token_id
+    rows = [i for i, t in enumerate(prompt.input_ids) if t == context_id]
+    assert rows == [s.offset + j for s in prompt.image_spans for j in range(s.length)]
+
+
+def test_text_only_and_raw_prompt(ours, tiny_checkpoint):
+    messages = [{"role": "user", "content": "Hello there, how are you?"}]
+    reference = hf_processor(tiny_checkpoint).apply_chat_template(messages, add_generation_prompt=True,
+                                                                  tokenize=True, return_dict=True)
+    assert ours.encode_chat(messages, []).input_ids == reference["input_ids"][0]
+
+
+def test_placeholders_of_the_native_api(ours):
+    """<img></img>, <image> and <IMG_CONTEXT> all mark an image; each expands to the same span."""
+    size = (300, 200)
+    spans = [ours.encode(f"A {tag} B", [size]).input_ids for tag in ("<img></img>", "<image>", "<IMG_CONTEXT>")]
+    assert spans[0] == spans[1] == spans[2]
+    with pytest.raises(PromptError, match="2 image placeholder.*1 image"):
+        ours.encode("<image><image>", [size])
+
+
+def test_tiling_follows_the_aspect_ratio(ours):
+    assert ours.image_layout(10, 10).num_tiles == 1  # one tile, no thumbnail
+    wide = ours.image_layout(600, 40)
+    columns, rows = ours.grid(600, 40)
+    assert columns > rows and wide.num_tiles == columns * rows + 1
+    assert wide.num_rows == wide.num_tiles * ours.tokens_per_tile
+
+
+def test_grid_choice_equals_transformers_on_many_sizes():
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
+
+    assert candidate_grids(1, 4)[:3] == [(1, 1), (1, 2), (2, 1)]
+    sizes = [(w, h) for w in (10, 40, 100, 300, 448, 600, 896, 1000, 1344, 3000) for h in (10, 40, 223, 448, 872, 2000)]
+    for width, height in sizes:
+        for min_tiles, max_tiles in ((1, 12), (1, 6), (2, 4)):
+            expected = get_optimal_tiled_canvas((height, width), (448, 448), min_tiles, max_tiles)
+            assert best_grid(width, height, 448, min_tiles, max_tiles) == expected, (width, height, max_tiles)
+
+
+def test_image_length_env_must_match_the_checkpoint(tiny_qwen2, monkeypatch):
+    ckpt = LoadedCheckpoint.open(tiny_qwen2)
+    monkeypatch.setenv("INTERNVL_IMAGE_LENGTH", str(ckpt.config.tokens_per_tile))
+    assert InternVLProcessor(tiny_qwen2, ckpt.config.tokens_per_tile).tokens_per_tile == ckpt.config.tokens_per_tile
+    monkeypatch.setenv("INTERNVL_IMAGE_LENGTH", "256")
+    with pytest.raises(ValueError, match=f"INTERNVL_IMAGE_LENGTH=256 contradicts the checkpoint.*gives "
+                                         f"{ckpt.config.tokens_per_tile} tokens per tile"):
+        InternVLProcessor(tiny_qwen2, ckpt.config.tokens_per_tile)

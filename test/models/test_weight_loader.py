@@ -1,0 +1,114 @@
+"""Loading HF-layout checkpoints: sharded or single, fp32/bf16, threads, and clear errors."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lightvlm.common.distributed import SINGLE
+from lightvlm.engine.model_runner import build_language_model
+from lightvlm.engine.visual_encoder import VisualEncoder
+from lightvlm.models.demo import build_demo_checkpoint
+from lightvlm.models.registry import LoadedCheckpoint
+from lightvlm.models.weight_loader import CheckpointError, checkpoint_files, resolve_dtype
+
+
+def state(module):
+    return {k: v.float().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    return build_demo_checkpoint(tmp_path_factory.mktemp("ck") / "sharded", shard_bytes=150_000)
+
+
+def test_sharded_checkpoint_loads_the_same_weights(tiny_qwen2, sharded):
+    assert len(checkpoint_files(sharded)) > 2
+    single = build_language_model(LoadedCheckpoint.open(tiny_qwen2), SINGLE, torch.float32, "cpu", show_progress=False)
+    shards = build_language_model(LoadedCheckpoint.open(sharded), SINGLE, torch.float32, "cpu", load_workers=3,
+                                  show_progress=False)
+    a, b = state(single), state(shards)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_loadworker_threads_show_a_progress_bar(sharded, capsys):
+    build_language_model(LoadedCheckpoint.open(sharded), SINGLE, torch.float32, "cpu", load_workers=4)
+    assert "Loading safetensors" in capsys.readouterr().err
+
+
+def test_bf16_data_type(tiny_qwen2):
+    ckpt = LoadedCheckpoint.open(tiny_qwen2)
+    model = build_language_model(ckpt, SINGLE, torch.bfloat16, "cpu", show_progress=False)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.language_model.rotary.cos.dtype == torch.float32  # rotary tables stay fp32
+    reference = load_file(tiny_qwen2 / "model.safetensors")["model.language_model.norm.weight"]
+    assert torch.equal(model.language_model.norm.weight, reference.to(torch.bfloat16))
+
+
+def test_default_dtype_is_fp32_on_cpu_and_the_checkpoints_on_cuda(tmp_path):
+    bf16 = build_demo_checkpoint(tmp_path / "bf16", dtype="bfloat16")
+    assert resolve_dtype(None, "cpu", bf16) == torch.float32
+    assert resolve_dtype(None, "cuda", bf16) == torch.bfloat16
+    assert resolve_dtype("fp16", "cpu", bf16) == torch.float16
+    with pytest.raises(ValueError, match="unknown data type 'int4'"):
+        resolve_dtype("int4", "cpu", bf16)
+
+
+def test_missing_tensor_is_named(tiny_qwen2, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_qwen2, broken)
+    tensors = load_file(broken / "model.safetensors")
+    del tensors["model.language_model.layers.1.self_attn.k_proj.weight"]
+    save_file(tensors, broken / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"language_model\.layers\.1\.self_attn\.qkv_proj\.weight \(part k\)"):
+        build_language_model(LoadedCheckpoint.open(broken), SINGLE, torch.float32, "cpu", show_progress=False)
+
+
+def test_wrong_shape_is_reported(tiny_qwen2, tmp_path):
+    broken = tmp_path / "shape"
+    shutil.copytree(tiny_qwen2, broken)
+    tensors = load_file(broken / "model.safetensors")
+    tensors["model.multi_modal_projector.linear_2.bias"] = torch.zeros(3)
+    save_file(tensors, broken / "model.safetensors")
+    with pytest.raises(CheckpointError, match="multi_modal_projector.linear_2.bias.*shape mismatch"):
+        VisualEncoder(LoadedCheckpoint.open(broken), show_progress=False)
+
+
+def test_unknown_architecture_lists_supported_ones(tiny_qwen2, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(tiny_qwen2, other)
+    config = json.loads((other / "config.json").read_text())
+    config["architectures"] = ["MysteryForCausalLM"]
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="unsupported architecture 'MysteryForCausalLM'; supported: "
+                                              "InternVLForConditionalGeneration"):
+        LoadedCheckpoint.open(other)
+
+
+def test_missing_folder_and_missing_weights(tmp_path, tiny_qwen2):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        LoadedCheckpoint.open(tmp_path / "nowhere")
+    empty = tmp_path / "no-weights"
+    shutil.copytree(tiny_qwen2, empty)
+    (empty / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no safetensors weights"):
+        checkpoint_files(empty)
+
+
+def test_older_checkpoint_layout_loads(tiny_llama, tmp_path):
+    """transformers < 4.52 saved `language_model.model.*`, `language_model.lm_head.*`, `vision_tower.*`."""
+    old = tmp_path / "old"
+    shutil.copytree(tiny_llama, old)
+    tensors = load_file(old / "model.safetensors")
+    renamed = {}
+    for name, tensor in tensors.items():
+        name = name.replace("model.language_model.", "language_model.model.")
+        name = name.replace("lm_head.", "language_model.lm_head.")
+        renamed[name.removeprefix("model.")] = tensor
+    save_file(renamed, old / "model.safetensors")
+    a = build_language_model(LoadedCheckpoint.open(tiny_llama), SINGLE, torch.float32, "cpu", show_progress=False)
+    b = build_language_model(LoadedCheckpoint.open(old), SINGLE, torch.float32, "cpu", show_progress=False)
+    sa, sb = state(a), state(b)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
