@@ -1,9 +1,14 @@
-"""Configuration: environment knobs now; the server's CLI -> frozen ServerConfig lives here too.
+"""Configuration: the CLI parses once into a frozen ServerConfig that every room receives.
 
-Every room and the pipeline get their settings from here, never from a global or a raw dict.
+Flag names and meanings follow LightLLM. Environment knobs: INTERNVL_IMAGE_LENGTH (tokens per tile,
+read by the InternVL processor) and LOADWORKER (threads reading weight shards).
 """
 
+import argparse
 import os
+from dataclasses import dataclass, field, replace
+
+MiB = 1 << 20
 
 
 def env_int(name: str, default: int, minimum: int = 1) -> int:
@@ -22,3 +27,195 @@ def env_int(name: str, default: int, minimum: int = 1) -> int:
 def load_workers() -> int:
     """LOADWORKER: threads that read safetensors shards at start-up (default 1)."""
     return env_int("LOADWORKER", 1)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model_dir: str
+    model_name: str
+    tp: int = 1
+    data_type: str | None = None  # None: fp32 on CPU, the checkpoint's dtype on CUDA
+    device: str = "cpu"
+    trust_remote_code: bool = False  # accepted for LightLLM compatibility; checkpoint code never runs
+    load_workers: int = 1
+    processor_class: str = ""  # "module:Class", set by the launcher from the model registry
+    eos_token_ids: tuple[int, ...] = ()  # set by the launcher from generation_config.json
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    max_total_token_num: int | None = None  # KV slots; None: derived from mem_fraction
+    mem_fraction: float = 0.9
+    max_req_total_len: int = 8192  # prompt + output tokens of one request
+    batch_max_tokens: int = 8192  # tokens computed per step
+    running_max_req_size: int = 1000
+
+
+@dataclass(frozen=True)
+class VisualConfig:
+    enabled: bool = False
+    infer_batch_size: int = 4  # images per encoder batch
+    cache_capacity: int = 200  # embedding cache entries
+    cache_max_bytes: int = 2048 * MiB
+    dp: int = 1
+    tp: int = 1
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_size: int = 64 * MiB
+    api_key: str | None = None
+    allow_origins: tuple[str, ...] = ()
+    image_fetch_timeout: float = 10.0
+    max_image_bytes: int = 32 * MiB
+    max_image_pixels: int = 40_000_000
+
+
+@dataclass(frozen=True)
+class CpuConfig:
+    llm_threads: int = 1  # torch threads per model worker
+    visual_threads: int = 1  # torch threads per encoder worker
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Filled by the launcher: where this instance's rooms find each other."""
+
+    instance: str = ""
+    ipc_dir: str = ""
+    worker_ports: tuple[int, ...] = ()
+    visual_ports: tuple[int, ...] = ()
+    dist_port: int = 0
+    visual_dist_ports: tuple[int, ...] = ()
+
+    def endpoint(self, room: str) -> str:
+        return f"ipc://{self.ipc_dir}/{room}"
+
+    @property
+    def shm_prefix(self) -> str:
+        return f"lvlm{self.instance}_"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model: ModelConfig
+    router: RouterConfig = field(default_factory=RouterConfig)
+    visual: VisualConfig = field(default_factory=VisualConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    cpu: CpuConfig = field(default_factory=CpuConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    log_level: str = "info"
+
+    def with_runtime(self, runtime: RuntimeConfig) -> "ServerConfig":
+        return replace(self, runtime=runtime)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m lightvlm.server.api_server",
+        description="Serve a vision-language model over HTTP (LightLLM's /generate and the OpenAI API).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--model_dir", default=None,
+                   help="Hugging Face checkpoint folder. Without it, a random-weight demo checkpoint is built "
+                        "(once, into ~/.cache/lightvlm) and served.")
+    g.add_argument("--model_name", default=None, help="name reported by /get_model_name and /v1/models "
+                                                      "(default: the folder's name)")
+    g.add_argument("--tp", type=int, default=1, help="tensor-parallel model workers (GPUs; CPU processes)")
+    g.add_argument("--data_type", default=None, choices=["fp32", "bf16", "fp16", "float32", "bfloat16", "float16"],
+                   help="weight and KV dtype (default: fp32 on CPU, the checkpoint's dtype on CUDA)")
+    g.add_argument("--trust_remote_code", action="store_true",
+                   help="accepted for compatibility; lightvlm never runs code from the checkpoint")
+    g = p.add_argument_group("memory and batching")
+    g.add_argument("--mem_fraction", type=float, default=0.9,
+                   help="share of device memory for weights + KV cache; on the CPU, share of the RAM available "
+                        "at start-up given to the KV cache, divided by 4 to leave room for the other processes")
+    g.add_argument("--max_total_token_num", type=int, default=None,
+                   help="KV cache size in tokens (default: derived from --mem_fraction)")
+    g.add_argument("--max_req_total_len", type=int, default=None,
+                   help="prompt + output tokens of one request (default: the model's max_position_embeddings)")
+    g.add_argument("--batch_max_tokens", type=int, default=None,
+                   help="tokens computed in one step, prompt chunks included (default: max(8192, max_req_total_len))")
+    g.add_argument("--running_max_req_size", type=int, default=1000, help="requests in the running batch")
+    g = p.add_argument_group("multimodal")
+    g.add_argument("--enable_multimodal", action="store_true", help="accept images (else text only; images get 400)")
+    g.add_argument("--visual_infer_batch_size", type=int, default=4, help="images per vision-encoder batch")
+    g.add_argument("--cache_capacity", type=int, default=200, help="image embeddings kept in the cache")
+    g.add_argument("--cache_max_mb", type=int, default=2048, help="bytes (in MiB) the embedding cache may hold")
+    g.add_argument("--visual_dp", type=int, default=1, help="vision-encoder replicas working in parallel")
+    g.add_argument("--visual_tp", type=int, default=1, help="tensor-parallel ranks per vision-encoder replica")
+    g = p.add_argument_group("http")
+    g.add_argument("--host", default="127.0.0.1")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--max_body_size", type=int, default=64 * MiB, help="largest request body in bytes (413 above)")
+    g.add_argument("--api_key", default=None, help="require 'Authorization: Bearer <key>' (401 without)")
+    g.add_argument("--allow_origins", nargs="*", default=[], help="CORS origins allowed ('*' for any)")
+    g.add_argument("--image_fetch_timeout", type=float, default=10.0, help="seconds to download one image URL")
+    g.add_argument("--max_image_bytes", type=int, default=32 * MiB, help="largest image file in bytes")
+    g.add_argument("--max_image_pixels", type=int, default=40_000_000,
+                   help="largest image in pixels, checked from the header before decoding")
+    g = p.add_argument_group("cpu")
+    g.add_argument("--llm_threads", type=int, default=None,
+                   help="torch threads per model worker (default: the cores shared evenly by all compute processes)")
+    g.add_argument("--visual_threads", type=int, default=None,
+                   help="torch threads per vision-encoder worker (default: as --llm_threads)")
+    p.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def fail(message: str):
+    raise SystemExit(f"lightvlm: {message}")
+
+
+def check_positive(args, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            fail(f"--{name} must be >= 1, got {value}")
+
+
+def default_threads(num_processes: int) -> int:
+    return max(1, (os.cpu_count() or 1) // max(1, num_processes))
+
+
+def parse_config(argv: list[str] | None, model_dir: str, max_position_embeddings: int, device: str,
+                 num_devices: int) -> ServerConfig:
+    """argv -> ServerConfig. `model_dir` is resolved by the caller (the demo build happens there)."""
+    args = build_parser().parse_args(argv)
+    check_positive(args, "tp", "max_total_token_num", "max_req_total_len", "batch_max_tokens", "running_max_req_size",
+                   "visual_infer_batch_size", "cache_capacity", "cache_max_mb", "visual_dp", "visual_tp",
+                   "llm_threads", "visual_threads", "max_body_size", "max_image_bytes", "max_image_pixels")
+    if not 0 < args.mem_fraction <= 1:
+        fail(f"--mem_fraction must be in (0, 1], got {args.mem_fraction}")
+    if device == "cuda" and args.tp > num_devices:
+        fail(f"--tp {args.tp} asks for {args.tp} GPUs but {num_devices} are visible; lower --tp or expose more GPUs")
+    if device == "cuda" and args.enable_multimodal and args.visual_dp * args.visual_tp > num_devices:
+        fail(f"--visual_dp {args.visual_dp} x --visual_tp {args.visual_tp} needs more GPUs than the "
+             f"{num_devices} visible")
+    max_len = args.max_req_total_len or max_position_embeddings
+    if max_len > max_position_embeddings:
+        fail(f"--max_req_total_len {max_len} exceeds the model's max_position_embeddings ({max_position_embeddings})")
+    if args.max_total_token_num is not None and args.max_total_token_num < max_len:
+        fail(f"--max_total_token_num {args.max_total_token_num} is smaller than --max_req_total_len {max_len}: "
+             f"one full-length request would never fit; raise --max_total_token_num or lower --max_req_total_len")
+    num_compute = args.tp + (args.visual_dp * args.visual_tp if args.enable_multimodal else 0)
+    threads = default_threads(num_compute)
+    return ServerConfig(
+        model=ModelConfig(model_dir=model_dir, model_name=args.model_name or os.path.basename(model_dir.rstrip("/")),
+                          tp=args.tp, data_type=args.data_type, device=device,
+                          trust_remote_code=args.trust_remote_code, load_workers=load_workers()),
+        router=RouterConfig(max_total_token_num=args.max_total_token_num, mem_fraction=args.mem_fraction,
+                            max_req_total_len=max_len,
+                            batch_max_tokens=args.batch_max_tokens or max(8192, max_len),
+                            running_max_req_size=args.running_max_req_size),
+        visual=VisualConfig(enabled=args.enable_multimodal, infer_batch_size=args.visual_infer_batch_size,
+                            cache_capacity=args.cache_capacity, cache_max_bytes=args.cache_max_mb * MiB,
+                            dp=args.visual_dp, tp=args.visual_tp),
+        http=HttpConfig(host=args.host, port=args.port, max_body_size=args.max_body_size, api_key=args.api_key,
+                        allow_origins=tuple(args.allow_origins), image_fetch_timeout=args.image_fetch_timeout,
+                        max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels),
+        cpu=CpuConfig(llm_threads=args.llm_threads or threads, visual_threads=args.visual_threads or threads),
+        log_level=args.log_level,
+    )

@@ -60,3 +60,124 @@ class StepOutput:
     token_ids: tuple[int, ...]
     logprobs: tuple[TokenLogprob, ...] | None = None
     failed: tuple[tuple[int, str], ...] = ()  # (req id, error) for requests the step could not run
+
+
+# ---- httpserver -> visualserver -> router ----------------------------------------------------------
+
+@dataclass(frozen=True)
+class ImageItem:
+    """Written by the httpserver: one image of a request, its bytes waiting in shared memory."""
+
+    key: str  # MD5 of the bytes and the preprocessing settings
+    shm_name: str  # segment holding the image file's bytes (the visualserver unlinks it)
+    num_bytes: int
+    width: int
+    height: int
+    offset: int  # first embedding row in the prompt ids
+    length: int  # embedding rows
+
+
+@dataclass(frozen=True)
+class GenerateReq:
+    """Written by the httpserver; the visualserver forwards it once its images are encoded."""
+
+    req_id: int
+    prompt_ids: tuple[int, ...]
+    sampling: SamplingParams
+    images: tuple[ImageItem, ...] = ()
+
+
+@dataclass(frozen=True)
+class AbortReq:
+    """The client went away (httpserver), or the request failed; every room frees what it holds."""
+
+    req_id: int
+
+
+# ---- visualserver manager <-> encoder workers (pickled through rpyc) --------------------------------
+
+@dataclass(frozen=True)
+class EncodeJob:
+    """Encode one image: read its bytes from `src_shm`, write its embedding rows into `dst_shm`."""
+
+    key: str
+    src_shm: str
+    num_bytes: int
+    dst_shm: str
+
+
+@dataclass(frozen=True)
+class EncodeResult:
+    """Written by encoder rank 0: `error` is None on success; `status` says whose fault a failure is."""
+
+    key: str
+    error: str | None = None
+    status: int = 500  # 400: the image itself is bad; 500: the encoder failed
+
+
+# ---- router <-> detokenization / visualserver ------------------------------------------------------
+
+@dataclass(frozen=True)
+class DetokReq:
+    """Written by the router when it accepts a request: how to turn its ids into text."""
+
+    req_id: int
+    prompt_tokens: int
+    skip_special_tokens: bool
+    stop_sequences: tuple[str, ...]
+    min_new_tokens: int
+
+
+@dataclass(frozen=True)
+class TokenOut:
+    """Written by the router: a sampled token, or only the end of a request (token_id None)."""
+
+    req_id: int
+    token_id: int | None
+    logprob: TokenLogprob | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort" when the request ended
+
+
+@dataclass(frozen=True)
+class StopReq:
+    """Written by detokenization: a stop string matched, the router ends the request."""
+
+    req_id: int
+
+
+@dataclass(frozen=True)
+class ReleaseImages:
+    """Written by the router when a request ends: drop its references to these cache entries."""
+
+    keys: tuple[str, ...]
+
+
+# ---- anything -> httpserver -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TextOut:
+    """Written by detokenization: one token's worth of text for the client."""
+
+    req_id: int
+    text: str
+    token_id: int | None
+    num_output_tokens: int
+    logprob: TokenLogprob | None = None
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class ReqError:
+    """Written by any room that cannot finish a request: the httpserver answers with `status`."""
+
+    req_id: int
+    status: int
+    message: str
+
+
+@dataclass(frozen=True)
+class RoomStats:
+    """Written by every room about once a second and when counters change: heartbeat and metrics."""
+
+    room: str
+    values: tuple[tuple[str, float], ...]

@@ -131,10 +131,10 @@ class ImageStore(dict):
         super().__init__()
         self.holders: dict[str, int] = {}
 
-    def acquire(self, key: str) -> None:
+    def hold(self, key: str) -> None:
         self.holders[key] = self.holders.get(key, 0) + 1
 
-    def release(self, key: str) -> None:
+    def drop(self, key: str) -> None:
         self.holders[key] -= 1
         if self.holders[key] == 0:
             del self.holders[key], self[key]
@@ -150,7 +150,7 @@ class Pipeline:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         ckpt = LoadedCheckpoint.open(model_dir)
         dtype = resolve_dtype(data_type, device, model_dir)
-        self.processor = ckpt.family.make_processor(model_dir, ckpt.config)
+        self.processor = ckpt.make_processor()
         self.session_len = session_len or ckpt.config.text.max_position_embeddings
         num_slots = max_total_token_num or max_batch_size * self.session_len
         self.eos_token_ids = frozenset(ckpt.eos_token_ids)
@@ -201,7 +201,7 @@ class Pipeline:
                       max_total_len=self.session_len, eos_token_ids=self.eos_token_ids,
                       images=tuple(ImageRef(k, s.offset, s.length) for k, s in zip(keys, encoded.image_spans)))
             for key in keys:
-                self.images.acquire(key)
+                self.images.hold(key)  # until the response is built; the runner holds it too
             self._next_id += 1
             self._reqs[req.req_id] = req
             self._logprobs[req.req_id] = []
@@ -238,13 +238,14 @@ class Pipeline:
             if stopped and not req.status.is_finished:
                 self.scheduler.finish(req, req.status.FINISHED_STOPPED)
                 finished.append(req)
+        self.runner.release(self.scheduler.take_released())  # in one process, no need to wait a step
         return [self._respond(req) for req in finished]
 
     def _respond(self, req: Req) -> Response:
         text = self.detokenizer.flush(req.req_id)
         state = self.detokenizer.remove(req.req_id)
         for image in req.images:
-            self.images.release(image.key)
+            self.images.drop(image.key)
         del self._reqs[req.req_id]
         logprobs = self._logprobs.pop(req.req_id)
         return Response(text=state.text if state else text, token_ids=list(req.output_ids),

@@ -6,8 +6,9 @@ generator, and the token history its penalties need. Everything else arrives in 
 Under tensor parallelism every rank runs the same step; rank 0 samples and reports.
 """
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Protocol
 
 import torch
 
@@ -17,6 +18,16 @@ from lightvlm.engine.sampler import SamplingBatch, sample
 from lightvlm.io_struct import ReqInit, StepInput, StepOutput, TokenLogprob
 from lightvlm.models.registry import LoadedCheckpoint
 from lightvlm.models.weight_loader import load_weights
+
+
+class ImageSource(Protocol):
+    """Where image embedding rows come from: held while a request that uses the image is alive."""
+
+    def hold(self, key: str) -> None: ...
+
+    def drop(self, key: str) -> None: ...
+
+    def __getitem__(self, key: str) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -40,7 +51,7 @@ class RunnerReq:
 
     @property
     def num_outputs(self) -> int:
-        """Outputs sampled so far: all but the newest were fed back as inputs."""
+        """Outputs sampled so far: all but the newest were fed back as inputs (read after the step)."""
         return self.num_cached - self.init.prompt_len
 
 
@@ -58,7 +69,7 @@ def build_language_model(ckpt: LoadedCheckpoint, tp: TPGroup, dtype: torch.dtype
 
 
 class ModelRunner:
-    def __init__(self, ckpt: LoadedCheckpoint, config: RunnerConfig, image_store: Mapping[str, torch.Tensor],
+    def __init__(self, ckpt: LoadedCheckpoint, config: RunnerConfig, image_store: ImageSource,
                  tp: TPGroup = SINGLE, show_progress: bool = True):
         self.config = config
         self.tp = tp
@@ -83,40 +94,79 @@ class ModelRunner:
         if init.sampling.seed is not None and not init.sampling.is_greedy:
             generator = torch.Generator(self.device).manual_seed(init.sampling.seed)
         req = RunnerReq(init=init, row=self.free_rows.pop(), generator=generator)
+        for image in init.images:
+            self.image_store.hold(image.key)
         if init.sampling.has_penalties:
             req.seen = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
             req.counts = torch.zeros(self.vocab_size, dtype=torch.float32, device=self.device)
         self.reqs[init.req_id] = req
 
+    def release(self, req_ids) -> None:
+        """Forget finished or preempted requests: their table rows and image references."""
+        for req_id in req_ids:
+            self._release(req_id)
+
     def _release(self, req_id: int) -> None:
         req = self.reqs.pop(req_id, None)
         if req is not None:
             self.free_rows.append(req.row)
+            for image in req.init.images:
+                self.image_store.drop(image.key)
 
     # -- one step ------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def step(self, step: StepInput) -> StepOutput:
-        for req_id in step.released:
-            self._release(req_id)
+    def step(self, step: StepInput, check: Callable[[StepInput], None] | None = None) -> StepOutput:
+        """Run one step. If it raises, each request is retried alone, so that only the requests that
+        fail by themselves are reported in `failed` and the others get their tokens."""
+        self.release(step.released)
         for init in step.new_reqs:
             self._register(init)
+        try:
+            return self._run(step, check)
+        except Exception:
+            if len(step.req_ids) == 1:
+                raise
+        outputs, failed = [], []
+        for single in split_step(step):
+            try:
+                outputs.append(self._run(single, check))
+            except Exception as e:  # noqa: BLE001 (reported to the router, which fails the request)
+                failed.append((single.req_ids[0], f"{type(e).__name__}: {e}"))
+        return StepOutput(req_ids=tuple(i for o in outputs for i in o.req_ids),
+                          token_ids=tuple(t for o in outputs for t in o.token_ids),
+                          logprobs=tuple(lp for o in outputs for lp in (o.logprobs or ())) or None,
+                          failed=tuple(failed))
+
+    def _run(self, step: StepInput, check: Callable[[StepInput], None] | None) -> StepOutput:
+        if check is not None:
+            check(step)
         state, sampled_ids = self.prepare(step)
         embeds = self.model.embed(state.input_ids)
         if state.image_rows is not None:
             embeds[state.image_rows] = state.image_embeds.to(embeds.dtype)
         logits = self.model(embeds, state, state.logit_rows)
+        self._commit(step)  # the step ran: advance the counters it may not touch before
         if not self.tp.is_first or not sampled_ids:
             return StepOutput(req_ids=(), token_ids=())
         return self._sample(sampled_ids, logits)
 
+    def _commit(self, step: StepInput) -> None:
+        row = 0
+        for req_id, n in zip(step.req_ids, step.num_new_tokens):
+            req = self.reqs[req_id]
+            if req.seen is not None:
+                self._track_penalty_tokens(req, req.num_cached, step.input_ids[row:row + n])
+            req.num_cached += n
+            row += n
+
     def prepare(self, step: StepInput) -> tuple[InferState, list[int]]:
-        """StepInput -> InferState; also advances each request's cached-token count."""
+        """StepInput -> InferState. Changes nothing but the step's own slots, so a failed step can rerun."""
         dev = self.device
         input_ids = torch.tensor(step.input_ids, dtype=torch.long)
         new_slots = torch.tensor(step.new_slots, dtype=torch.long)
         positions, logit_rows, sampled_ids, prefills = [], [], [], []
-        decode_rows, decode_reqs, image_rows, image_embeds = [], [], [], []
+        decode_rows, decode_lengths, decode_table_rows, image_rows, image_embeds = [], [], [], [], []
         row = 0
         for req_id, n, samples in zip(step.req_ids, step.num_new_tokens, step.samples):
             req = self.reqs[req_id]
@@ -124,14 +174,12 @@ class ModelRunner:
             self.req_to_slots[req.row, start:start + n] = new_slots[row:row + n].to(dev)
             positions.append(torch.arange(start, start + n))
             self._collect_images(req, start, n, row, image_rows, image_embeds)
-            if req.seen is not None:
-                self._track_penalty_tokens(req, start, input_ids[row:row + n])
             if n == 1:
                 decode_rows.append(row)
-                decode_reqs.append(req)
+                decode_lengths.append(start + 1)
+                decode_table_rows.append(req.row)
             else:
                 prefills.append(PrefillChunk(row, n, self.req_to_slots[req.row, :start + n], start))
-            req.num_cached = start + n
             if samples:
                 logit_rows.append(row + n - 1)
                 sampled_ids.append(req_id)
@@ -145,9 +193,9 @@ class ModelRunner:
             prefills=prefills,
         )
         if decode_rows:
-            lengths = torch.tensor([r.num_cached for r in decode_reqs], device=dev)
-            longest = int(lengths.max())
-            rows = torch.tensor([r.row for r in decode_reqs], device=dev)
+            lengths = torch.tensor(decode_lengths, device=dev)
+            longest = max(decode_lengths)
+            rows = torch.tensor(decode_table_rows, device=dev)
             state.decode_rows = torch.tensor(decode_rows, dtype=torch.long, device=dev)
             state.decode_slots = self.req_to_slots[rows, :longest]
             state.decode_mask = (torch.arange(longest, device=dev)[None, :] < lengths[:, None])[:, None, None, :]
@@ -166,8 +214,8 @@ class ModelRunner:
             rows.append(torch.arange(row + lo - start, row + hi - start))
             embeds.append(embedding[lo - image.offset:hi - image.offset])
 
-    def _track_penalty_tokens(self, req: RunnerReq, start: int, ids: torch.Tensor) -> None:
-        ids = ids.to(self.device)
+    def _track_penalty_tokens(self, req: RunnerReq, start: int, ids: tuple[int, ...]) -> None:
+        ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         positions = torch.arange(start, start + len(ids), device=self.device)
         ids = ids.where(ids < self.vocab_size, -1)
         known = ids >= 0
@@ -217,3 +265,14 @@ class ModelRunner:
                 stop_ids = [t for t in (*r.init.eos_token_ids, *r.init.sampling.stop_token_ids) if t < self.vocab_size]
                 batch.banned[i, stop_ids] = True
         return batch
+
+
+def split_step(step: StepInput) -> list[StepInput]:
+    """One StepInput per request, with that request's slice of the flattened tokens and slots."""
+    singles, row = [], 0
+    for req_id, n, samples in zip(step.req_ids, step.num_new_tokens, step.samples):
+        singles.append(replace(step, req_ids=(req_id,), num_new_tokens=(n,), samples=(samples,), new_reqs=(),
+                               released=(), input_ids=step.input_ids[row:row + n],
+                               new_slots=step.new_slots[row:row + n]))
+        row += n
+    return singles

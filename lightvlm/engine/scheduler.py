@@ -151,8 +151,13 @@ class Scheduler:
             if item.req.req_id not in self._sent:
                 self._sent.add(item.req.req_id)
                 batch.new_reqs.append(item.req)
-        batch.released, self._released = self._released, []
+        batch.released = self.take_released()
         return batch if batch.items else None
+
+    def take_released(self) -> list[int]:
+        """Requests the workers should forget, handed out once (normally with the next step)."""
+        released, self._released = self._released, []
+        return released
 
     def _take(self, req: Req, n: int) -> ScheduledReq:
         slots = self.allocator.alloc(n)

@@ -9,6 +9,7 @@ This module and the families' `processor.py` are the only model code the httpser
 torch here.
 """
 
+import importlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -54,6 +55,12 @@ class ImageLayout:
     first_row: int  # index of the first embedding row inside span_ids
 
 
+def load_processor(processor_class: str, model_dir: str | Path) -> "BaseProcessor":
+    """Import "module:Class" (a family's processor) and build it from the checkpoint folder."""
+    module, name = processor_class.split(":")
+    return getattr(importlib.import_module(module), name).from_model_dir(model_dir)
+
+
 def load_chat_template(model_dir: Path) -> str | None:
     """The checkpoint's Jinja chat template, from wherever transformers would have saved it."""
     jinja_file = model_dir / "chat_template.jinja"
@@ -93,6 +100,11 @@ class BaseProcessor:
     `image_layout(width, height)` and `preprocess(image)`."""
 
     image_token: str
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path) -> "BaseProcessor":
+        """Build from the checkpoint folder alone (reads what it needs from config.json)."""
+        raise NotImplementedError
 
     def __init__(self, model_dir: str | Path):
         from transformers import AutoTokenizer  # tokenizers-backed; the same class transformers uses

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from lightvlm.models.processor import load_processor
 from lightvlm.models.weight_loader import CheckpointError
 
 
@@ -19,8 +20,7 @@ class ModelFamily:
     parse_config: Callable[[dict], object]  # HF config.json -> our frozen config
     visual_module: Callable  # (config, tp) -> nn.Module: pixel tiles -> image embeddings
     language_module: Callable  # (config, tp) -> CausalLM
-    processor_class: str  # "module:Class", imported where needed (the httpserver imports only it)
-    make_processor: Callable  # (model_dir, config) -> processor
+    processor_class: str  # "module:Class" with from_model_dir(), imported where needed (the httpserver)
     rename: Callable[[str], "tuple[str, str] | None"]  # checkpoint name -> ("visual"|"language", our name)
 
 
@@ -42,7 +42,6 @@ def _internvl_rename(name: str) -> tuple[str, str] | None:
 def _internvl() -> ModelFamily:
     from lightvlm.models.internvl.config import InternVLConfig
     from lightvlm.models.internvl.model import InternVLLanguage, InternVLVisual
-    from lightvlm.models.internvl.processor import InternVLProcessor
 
     return ModelFamily(
         name="internvl",
@@ -50,7 +49,6 @@ def _internvl() -> ModelFamily:
         visual_module=InternVLVisual,
         language_module=InternVLLanguage,
         processor_class="lightvlm.models.internvl.processor:InternVLProcessor",
-        make_processor=lambda model_dir, config: InternVLProcessor(model_dir, config.tokens_per_tile),
         rename=_internvl_rename,
     )
 
@@ -93,6 +91,9 @@ class LoadedCheckpoint:
         hf = read_hf_config(model_dir)
         family = get_family(hf)
         return cls(Path(model_dir), family, family.parse_config(hf), hf)
+
+    def make_processor(self):
+        return load_processor(self.family.processor_class, self.model_dir)
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:

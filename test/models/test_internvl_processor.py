@@ -23,7 +23,7 @@ def processors():
 def ours(tiny_checkpoint, processors):
     if tiny_checkpoint not in processors:
         ckpt = LoadedCheckpoint.open(tiny_checkpoint)
-        processors[tiny_checkpoint] = ckpt.family.make_processor(tiny_checkpoint, ckpt.config)
+        processors[tiny_checkpoint] = ckpt.make_processor()
     return processors[tiny_checkpoint]
 
 

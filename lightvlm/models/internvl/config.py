@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from lightvlm.models.layers.decoder import TextConfig
+from lightvlm.models.text_config import TextConfig
 
 
 @dataclass(frozen=True)

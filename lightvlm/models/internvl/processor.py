@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from lightvlm.models.internvl.config import InternVLConfig
 from lightvlm.models.processor import BaseProcessor, ImageLayout, read_json, rescale_and_normalize, to_rgb
 
 
@@ -57,6 +58,11 @@ def image_length_from_env(geometry_tokens: int) -> int:
 
 class InternVLProcessor(BaseProcessor):
     image_token = "<IMG_CONTEXT>"
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path) -> "InternVLProcessor":
+        config = InternVLConfig.from_hf(read_json(Path(model_dir) / "config.json"))
+        return cls(model_dir, config.tokens_per_tile)
 
     def __init__(self, model_dir: str | Path, tokens_per_tile: int):
         """tokens_per_tile: what the checkpoint's vision geometry gives (InternVLConfig.tokens_per_tile)."""

@@ -1,0 +1,48 @@
+"""What every room process does around its own work: logging, dying with the parent, a readiness
+handshake with the launcher, and one top-level handler that turns a crash into a report.
+
+A room's entry calls `run_room(name, pipe, log_level, start)`. `start()` builds the room (loads models,
+binds sockets) and returns its loop; once it returns, "ready" goes up the pipe and the loop runs. If
+`start()` raises, the traceback goes up the pipe instead and the process exits non-zero.
+"""
+
+import contextlib
+import ctypes
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+
+from lightvlm.common.logging import get_logger, setup_logging
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGTERM this process if the launcher dies, so no room outlives the server."""
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def run_room(name: str, pipe, log_level: str, start: Callable[[], Callable[[], None]]) -> None:
+    setup_logging(log_level, name)
+    die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher owns Ctrl-C and stops us with SIGTERM
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # unwind: finally blocks release resources
+    logger = get_logger(f"lightvlm.{name}")
+    try:
+        loop = start()
+    except BaseException:
+        pipe.send(("error", f"{name} failed to start:\n{traceback.format_exc()}"))
+        pipe.close()
+        os._exit(1)
+    pipe.send(("ready", name))
+    pipe.close()
+    try:
+        loop()
+    except SystemExit:
+        pass
+    except BaseException:
+        logger.error("%s crashed:\n%s", name, traceback.format_exc())
+        sys.exit(1)

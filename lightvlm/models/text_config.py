@@ -1,0 +1,66 @@
+"""What a decoder needs from a Hugging Face text config (`config.json` or its `text_config`). No torch."""
+
+from dataclasses import dataclass
+
+SUPPORTED_BACKBONES = ("qwen2", "llama")
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """What the decoder needs from a Hugging Face text config (`config.json` or its `text_config`)."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    hidden_act: str
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    tie_word_embeddings: bool
+    eos_token_id: int | list[int] | None
+
+    @classmethod
+    def from_hf(cls, hf: dict, tie_word_embeddings: bool | None = None) -> "TextConfig":
+        model_type = hf.get("model_type", "llama")
+        if model_type not in SUPPORTED_BACKBONES:
+            supported = ", ".join(SUPPORTED_BACKBONES)
+            raise ValueError(f"unsupported language model type {model_type!r}; supported: {supported}")
+        if hf.get("use_sliding_window"):
+            raise ValueError("Qwen2 sliding-window attention (use_sliding_window=true) is not supported")
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        if "type" in rope and "rope_type" not in rope:
+            rope["rope_type"] = rope.pop("type")
+        theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        num_heads = hf["num_attention_heads"]
+        attention_bias = hf.get("attention_bias", False)
+        if tie_word_embeddings is None:
+            tie_word_embeddings = hf.get("tie_word_embeddings", False)
+        return cls(
+            model_type=model_type,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=rope if rope.get("rope_type", "default") != "default" else None,
+            max_position_embeddings=hf.get("max_position_embeddings", 32768),
+            hidden_act=hf.get("hidden_act", "silu"),
+            qkv_bias=True if model_type == "qwen2" else attention_bias,
+            o_bias=False if model_type == "qwen2" else attention_bias,
+            mlp_bias=hf.get("mlp_bias", False),
+            tie_word_embeddings=tie_word_embeddings,
+            eos_token_id=hf.get("eos_token_id"),
+        )

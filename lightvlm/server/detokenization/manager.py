@@ -1,0 +1,73 @@
+"""Detokenization: sampled ids -> text pieces for the httpserver, and stop strings.
+
+A stop string ends the request here first (the text stops before it) and the router is told to stop
+computing it; tokens the router sent in between are dropped.
+"""
+
+import zmq
+from transformers import AutoTokenizer
+
+from lightvlm.common.logging import get_logger
+from lightvlm.common.messaging import Inbox, Outbox
+from lightvlm.common.process import run_room
+from lightvlm.config import ServerConfig
+from lightvlm.engine.detokenizer import Detokenizer
+from lightvlm.io_struct import DetokReq, StopReq, TextOut, TokenOut
+
+logger = get_logger(__name__)
+
+
+class DetokenizationManager:
+    def __init__(self, config: ServerConfig):
+        self.detokenizer = Detokenizer(AutoTokenizer.from_pretrained(config.model.model_dir))
+        self.reqs: dict[int, DetokReq] = {}
+        self.num_outputs: dict[int, int] = {}
+        context = zmq.Context.instance()
+        self.inbox = Inbox(context, config.runtime.endpoint("detokenization"))
+        self.to_http = Outbox(context, config.runtime.endpoint("httpserver"))
+        self.to_router = Outbox(context, config.runtime.endpoint("router"))
+
+    def loop(self) -> None:
+        while True:
+            outputs = []
+            for message in self.inbox.receive(timeout_ms=None):
+                if isinstance(message, DetokReq):
+                    self.reqs[message.req_id] = message
+                    self.num_outputs[message.req_id] = 0
+                    self.detokenizer.add(message.req_id, message.skip_special_tokens, message.stop_sequences)
+                elif isinstance(message, TokenOut):
+                    out = self.handle(message)
+                    if out is not None:
+                        outputs.append(out)
+            if outputs:
+                self.to_http.send(outputs)
+
+    def handle(self, token: TokenOut) -> TextOut | None:
+        req = self.reqs.get(token.req_id)
+        if req is None:
+            return None  # already ended here (stop string), or never started
+        if token.token_id is None:  # ended without a token: aborted or failed
+            self.forget(token.req_id)
+            return None
+        count = self.num_outputs[token.req_id] = self.num_outputs[token.req_id] + 1
+        text, stopped = self.detokenizer.push(token.req_id, token.token_id, count > req.min_new_tokens)
+        reason = token.finish_reason
+        if stopped and reason is None:
+            self.to_router.send(StopReq(token.req_id))
+            reason = "stop"
+        if reason:
+            text += self.detokenizer.flush(token.req_id)
+            self.forget(token.req_id)
+        return TextOut(token.req_id, text, token.token_id, count, token.logprob, reason)
+
+    def forget(self, req_id: int) -> None:
+        self.reqs.pop(req_id, None)
+        self.num_outputs.pop(req_id, None)
+        self.detokenizer.remove(req_id)
+
+
+def start_detokenization_process(config: ServerConfig, pipe) -> None:
+    def start():
+        return DetokenizationManager(config).loop
+
+    run_room("detokenization", pipe, config.log_level, start)

@@ -1,0 +1,21 @@
+"""The router's handle on the model workers: one rpyc connection per tensor-parallel rank."""
+
+import pickle
+
+from lightvlm.common.rpc import WorkerGroup
+from lightvlm.io_struct import StepInput, StepOutput
+
+
+class ModelWorkers:
+    def __init__(self, ports: list[int]):
+        self.group = WorkerGroup(ports)
+
+    def num_slots(self) -> int:
+        return min(info["num_slots"] for info in self.group.call("info"))
+
+    def step(self, step: StepInput) -> StepOutput:
+        """Every rank runs the step; rank 0's answer carries the sampled tokens."""
+        return self.group.call("step", pickle.dumps(step))[0]
+
+    def close(self) -> None:
+        self.group.close()

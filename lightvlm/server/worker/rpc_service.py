@@ -1,0 +1,127 @@
+"""A model worker: one tensor-parallel rank of the language model, behind rpyc.
+
+The router calls `step(pickled StepInput)` on every rank at once; all ranks run the step (their
+all-reduces meet), rank 0 samples and answers with a pickled StepOutput. Image embeddings are read
+from the visualserver's shared-memory cache, attached while a request that uses them is alive.
+"""
+
+import os
+import pickle
+
+import numpy as np
+import torch
+
+from lightvlm.common import shm
+from lightvlm.common.distributed import init_tp_group
+from lightvlm.common.logging import get_logger
+from lightvlm.common.process import run_room
+from lightvlm.common.rpc import NoDelayService, serve
+from lightvlm.config import ServerConfig
+from lightvlm.engine.infer_state import KVCache
+from lightvlm.engine.model_runner import ModelRunner, RunnerConfig
+from lightvlm.models.registry import LoadedCheckpoint
+from lightvlm.models.weight_loader import resolve_dtype
+
+logger = get_logger(__name__)
+
+FAULT_ENV = "LIGHTVLM_FAULT_STEP_TOKEN"  # tests: a step whose input holds this token id raises
+
+
+class ShmImageStore:
+    """Image key -> embedding rows, read from the embed cache's shared memory while requests hold it."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.segments: dict[str, tuple[object, torch.Tensor, int]] = {}  # key -> (shm, tensor, holders)
+
+    def hold(self, key: str) -> None:
+        if key in self.segments:
+            segment, tensor, holders = self.segments[key]
+            self.segments[key] = (segment, tensor, holders + 1)
+            return
+        segment = shm.attach(self.prefix + "e" + key)
+        array = shm.read_array(segment.buf)
+        tensor = torch.from_numpy(array)
+        if array.dtype == np.uint16:
+            tensor = tensor.view(torch.bfloat16)
+        self.segments[key] = (segment, tensor, 1)
+
+    def drop(self, key: str) -> None:
+        segment, tensor, holders = self.segments[key]
+        if holders > 1:
+            self.segments[key] = (segment, tensor, holders - 1)
+            return
+        del self.segments[key]
+        del tensor
+        segment.close()
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.segments[key][1]
+
+
+def plan_kv_slots(config: ServerConfig, bytes_per_token: int, device: torch.device) -> int:
+    """KV slots: --max_total_token_num, else what --mem_fraction leaves after the weights."""
+    if config.router.max_total_token_num:
+        return config.router.max_total_token_num
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        budget = free - total * (1 - config.router.mem_fraction)
+    else:
+        budget = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * config.router.mem_fraction / 4
+    ceiling = config.router.running_max_req_size * config.router.max_req_total_len
+    return int(min(max(budget, 0) // bytes_per_token, ceiling))
+
+
+class ModelWorkerService(NoDelayService):
+    def __init__(self, runner: ModelRunner, num_slots: int):
+        super().__init__()
+        self.runner = runner
+        self.num_slots = num_slots
+        self.fault_token = int(os.environ[FAULT_ENV]) if os.environ.get(FAULT_ENV) else None
+
+    def exposed_info(self) -> bytes:
+        return pickle.dumps({"num_slots": self.num_slots})
+
+    def exposed_step(self, payload: bytes) -> bytes:
+        step = pickle.loads(payload)
+        return pickle.dumps(self.runner.step(step, self._check_fault))
+
+    def _check_fault(self, step) -> None:
+        if self.fault_token is not None and self.fault_token in step.input_ids:
+            raise RuntimeError(f"injected fault: token {self.fault_token} in the step ({FAULT_ENV})")
+
+
+def start_worker_process(config: ServerConfig, rank: int, pipe) -> None:
+    def start():
+        torch.set_num_threads(config.cpu.llm_threads)
+        device = torch.device(f"cuda:{rank}" if config.model.device == "cuda" else "cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        tp = init_tp_group(rank, config.model.tp, f"tcp://127.0.0.1:{config.runtime.dist_port}", device)
+        ckpt = LoadedCheckpoint.open(config.model.model_dir)
+        dtype = resolve_dtype(config.model.data_type, device.type, config.model.model_dir)
+        text = ckpt.config.text
+        kv_heads_per_rank = max(1, text.num_kv_heads // config.model.tp)
+        # Plan with the weights loaded on CUDA (free memory is what is left); on CPU the order is moot.
+        per_token = KVCache.bytes_per_token(text.num_layers, kv_heads_per_rank, text.head_dim, dtype)
+        num_slots = plan_kv_slots(config, per_token, device)
+        if tp.size > 1:  # every rank must agree on the pool size
+            agreed = torch.tensor([num_slots])
+            torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
+            num_slots = int(agreed)
+        if num_slots < config.router.max_req_total_len:
+            raise ValueError(f"the KV cache fits {num_slots} tokens, less than one request of --max_req_total_len "
+                             f"{config.router.max_req_total_len}; raise --mem_fraction or --max_total_token_num, "
+                             f"or lower --max_req_total_len")
+        runner_config = RunnerConfig(num_slots=num_slots, max_reqs=config.router.running_max_req_size,
+                                     max_len=config.router.max_req_total_len, dtype=dtype, device=str(device),
+                                     load_workers=config.model.load_workers)
+        store = ShmImageStore(config.runtime.shm_prefix)
+        runner = ModelRunner(ckpt, runner_config, store, tp=tp, show_progress=rank == 0)
+        logger.info("rank %d/%d ready: %d KV slots, %s on %s, %d threads", rank, tp.size, num_slots, dtype, device,
+                    torch.get_num_threads())
+        service = ModelWorkerService(runner, num_slots)
+        return lambda: serve(service, config.runtime.worker_ports[rank])
+
+    run_room(f"worker{rank}", pipe, config.log_level, start)
+
