@@ -22,6 +22,8 @@ INSTALL_REQUIRES = [
 
 TEST_REQUIRES = [
     "pytest==9.2.0",
+    "pytest-timeout==2.4.0",
+    "requests==2.34.2",
     "ruff==0.17.6",
     "openai==3.54.0",
     # Triton kernels are checked against their torch twins under TRITON_INTERPRET=1. On CUDA, torch

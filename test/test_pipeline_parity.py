@@ -6,11 +6,12 @@ layer count and tile size).
 
 import pytest
 import torch
-from helpers import load_image
-from hf_reference import assert_same_greedy, hf_generate, hf_inputs, hf_messages, hf_model
 
 import lightvlm.engine.model_runner as model_runner
 from lightvlm import GenerationConfig, pipeline
+
+from helpers import load_image
+from hf_reference import assert_same_greedy, hf_generate, hf_inputs, hf_messages, hf_model
 
 MAX_NEW = 40
 

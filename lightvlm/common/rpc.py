@@ -5,6 +5,7 @@ TCP_NODELAY so a small step message is not held back by Nagle's algorithm.
 """
 
 import contextlib
+import logging
 import pickle
 import socket
 import time
@@ -23,7 +24,9 @@ class NoDelayService(rpyc.Service):
 
 def serve(service: rpyc.Service, port: int) -> None:
     """Serve `service` on loopback until the process ends."""
-    ThreadedServer(service, hostname="127.0.0.1", port=port, protocol_config=PROTOCOL).start()
+    quiet = logging.getLogger("lightvlm.rpc")  # rpyc logs every connection at INFO
+    quiet.setLevel(logging.WARNING)
+    ThreadedServer(service, hostname="127.0.0.1", port=port, protocol_config=PROTOCOL, logger=quiet).start()
 
 
 def connect(port: int, timeout: float = 60.0) -> rpyc.Connection:

@@ -1,9 +1,11 @@
 """POSIX shared memory for image bytes and image embeddings.
 
-Segments are created by one process (the owner unlinks them) and attached by others. Python 3.11's
-resource tracker would unlink a segment when an attaching process exits, so attaching unregisters it;
-a creator that hands ownership to another process unregisters it too. The launcher sweeps whatever
-carries the instance prefix when the server stops.
+Segments are created by one process and unlinked by their owner (the creator, or the process it hands
+them to) through `unlink`. Python 3.11's resource tracker would unlink a segment when a process that
+touched it exits, so no segment is left registered with it: both `create` and `attach` unregister.
+(Rooms started with the spawn context share one tracker, so a register from one process and an
+unregister from another must balance; they do, because every process unregisters what it registered.)
+The launcher sweeps whatever carries the instance prefix when the server stops.
 
 Embeddings are stored raw, with a small header: magic, dtype code, rank, shape. Never pickled.
 """
@@ -25,10 +27,9 @@ def _untrack(shm: shared_memory.SharedMemory) -> None:
     resource_tracker.unregister(shm._name, "shared_memory")  # noqa: SLF001 (the name the tracker saw)
 
 
-def create(name: str, size: int, tracked: bool = True) -> shared_memory.SharedMemory:
+def create(name: str, size: int) -> shared_memory.SharedMemory:
     shm = shared_memory.SharedMemory(name=name, create=True, size=max(size, 1))
-    if not tracked:
-        _untrack(shm)
+    _untrack(shm)
     return shm
 
 
@@ -39,13 +40,13 @@ def attach(name: str) -> shared_memory.SharedMemory:
 
 
 def unlink(name: str) -> None:
-    """Unlink a segment this process did not create (so its resource tracker does not know it)."""
+    """Remove a segment by name (mappings stay valid until closed); missing is fine."""
     (SHM_DIR / name).unlink(missing_ok=True)
 
 
 def write_bytes(name: str, data: bytes) -> None:
     """A segment holding `data`, handed to another process (which unlinks it)."""
-    shm = create(name, len(data), tracked=False)
+    shm = create(name, len(data))
     shm.buf[:len(data)] = data
     shm.close()
 

@@ -74,7 +74,7 @@ class VisualManager:
         poller.register(self.results, zmq.POLLIN)
         try:
             while True:
-                ready = dict(poller.poll(500))
+                ready = dict(poller.poll(100))
                 if self.inbox.socket in ready:
                     for message in self.inbox.receive(timeout_ms=0):
                         self.handle(message)
@@ -243,15 +243,16 @@ class VisualManager:
         self.segments[key] = shm.create(self.prefix + "e" + key, nbytes)
 
     def _destroy_segment(self, key: str) -> None:
-        segment = self.segments.pop(key)
-        segment.close()
-        segment.unlink()
+        self.segments.pop(key).close()
+        shm.unlink(self.prefix + "e" + key)
 
     def send_stats(self) -> None:
         cache = self.cache
         values = (("embed_cache_hits_total", cache.hits), ("embed_cache_misses_total", cache.misses),
                   ("embed_cache_entries", len(cache)), ("embed_cache_bytes", cache.nbytes),
-                  ("embed_cache_evictions_total", cache.evictions), ("visual_pending_requests", len(self.pending)),
+                  ("embed_cache_evictions_total", cache.evictions),
+                  ("embed_cache_held_entries", sum(1 for e in cache.entries.values() if e.refs)),
+                  ("visual_pending_requests", len(self.pending)),
                   ("visual_parked_requests", len(self.parked)), *sorted(self.stats.items()))
         if self.stats_timer.due(values):
             self.to_http.send(RoomStats("visualserver", values))

@@ -6,10 +6,11 @@ import math
 
 import pytest
 import torch
-from hf_reference import hf_generate, hf_messages, hf_model
 from safetensors import safe_open
 
 from lightvlm.models.demo import build_demo_checkpoint, main
+
+from hf_reference import hf_generate, hf_messages, hf_model
 
 HF_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
             "chat_template.jinja", "preprocessor_config.json", "processor_config.json"}

@@ -3,12 +3,13 @@
 import numpy as np
 import pytest
 import torch
-from helpers import load_image
-from hf_reference import hf_processor
 
 from lightvlm.models.internvl.processor import InternVLProcessor, best_grid, candidate_grids
 from lightvlm.models.processor import PromptError, split_messages
 from lightvlm.models.registry import LoadedCheckpoint
+
+from helpers import load_image
+from hf_reference import hf_processor
 
 ALL_IMAGES = ["coffee.jpg", "chelsea.png", "chelsea_rgba.png", "coffee_palette.png", "camera_gray.png",
               "coffee_strip_600x40.jpg", "astronaut_10x10.png", "coffee.webp", "rocket.jpg"]

@@ -8,11 +8,11 @@ import zmq
 from transformers import AutoTokenizer
 
 from lightvlm.common.logging import get_logger
-from lightvlm.common.messaging import Inbox, Outbox
+from lightvlm.common.messaging import Inbox, Outbox, StatsTimer
 from lightvlm.common.process import run_room
 from lightvlm.config import ServerConfig
 from lightvlm.engine.detokenizer import Detokenizer
-from lightvlm.io_struct import DetokReq, StopReq, TextOut, TokenOut
+from lightvlm.io_struct import DetokReq, RoomStats, StopReq, TextOut, TokenOut
 
 logger = get_logger(__name__)
 
@@ -26,11 +26,14 @@ class DetokenizationManager:
         self.inbox = Inbox(context, config.runtime.endpoint("detokenization"))
         self.to_http = Outbox(context, config.runtime.endpoint("httpserver"))
         self.to_router = Outbox(context, config.runtime.endpoint("router"))
+        self.stats_timer = StatsTimer()
 
     def loop(self) -> None:
         while True:
             outputs = []
-            for message in self.inbox.receive(timeout_ms=None):
+            if self.stats_timer.due(len(self.reqs)):  # heartbeat for /health
+                self.to_http.send(RoomStats("detokenization", (("detokenizing_requests", len(self.reqs)),)))
+            for message in self.inbox.receive(timeout_ms=500):
                 if isinstance(message, DetokReq):
                     self.reqs[message.req_id] = message
                     self.num_outputs[message.req_id] = 0

@@ -1,0 +1,106 @@
+"""The httpserver room: an aiohttp app on uvloop serving the native and OpenAI APIs.
+
+Every error is JSON: `{"message": ...}` on native routes and `{"error": {...}}` on /v1 routes. The
+handler of a client that disconnects is cancelled, which aborts its request in every room.
+"""
+
+import asyncio
+
+import uvloop
+from aiohttp import web
+
+from lightvlm.common.logging import get_logger
+from lightvlm.common.process import run_room
+from lightvlm.config import ServerConfig
+from lightvlm.server.httpserver.manager import ClientError, HttpServerManager, RequestFailed
+from lightvlm.server.httpserver.native_api import NativeAPI
+
+logger = get_logger(__name__)
+
+
+def error_response(request: web.Request, status: int, message: str) -> web.Response:
+    if request.path.startswith("/v1/"):
+        kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                413: "invalid_request_error", 503: "service_unavailable"}.get(status, "server_error")
+        body = {"error": {"message": message, "type": kind, "code": status}}
+    else:
+        body = {"message": message}
+    return web.json_response(body, status=status)
+
+
+@web.middleware
+async def errors_as_json(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except ClientError as e:
+        return error_response(request, 400, str(e))
+    except RequestFailed as e:
+        return error_response(request, e.status, str(e))
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app._client_max_size  # noqa: SLF001 (aiohttp keeps the limit only here)
+        return error_response(request, 413, f"the request body is larger than the limit of {limit} bytes "
+                                            f"(--max_body_size)")
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        return error_response(request, e.status, e.reason if e.text is None else e.text.removeprefix("404: "))
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception as e:  # noqa: BLE001 (a bug: report it, keep serving)
+        logger.exception("unhandled error on %s", request.path)
+        return error_response(request, 500, f"internal error in the httpserver: {type(e).__name__}: {e}")
+
+
+def build_app(manager: HttpServerManager) -> web.Application:
+    config = manager.config
+    app = web.Application(client_max_size=config.http.max_body_size, middlewares=[errors_as_json])
+    NativeAPI(manager).add_routes(app)
+
+    async def health(request):
+        down = manager.unhealthy_rooms()
+        if down:
+            return web.json_response({"message": f"not answering: {', '.join(down)}"}, status=503)
+        return web.json_response({"message": "Ok"})
+
+    async def liveness(request):
+        return web.json_response({"status": "ok"})
+
+    async def metrics(request):
+        return web.Response(body=manager.metrics.render(), content_type="text/plain", charset="utf-8")
+
+    app.router.add_get("/health", health)
+    app.router.add_get("/readiness", health)
+    app.router.add_get("/liveness", liveness)
+    app.router.add_get("/metrics", metrics)
+    manager.metrics.watch_rooms(lambda: manager.room_stats)
+
+    async def on_startup(app):
+        await manager.start()
+
+    async def on_cleanup(app):
+        await manager.close()
+
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    return app
+
+
+def start_httpserver_process(config: ServerConfig, pipe) -> None:
+    def start():
+        loop = uvloop.new_event_loop()
+        asyncio.set_event_loop(loop)
+        manager = HttpServerManager(config)
+        runner = web.AppRunner(build_app(manager), handler_cancellation=True, access_log=None)
+        loop.run_until_complete(runner.setup())
+        loop.run_until_complete(web.TCPSite(runner, config.http.host, config.http.port).start())
+        logger.info("listening on http://%s:%d", config.http.host, config.http.port)
+
+        def serve():
+            try:
+                loop.run_forever()
+            finally:
+                loop.run_until_complete(runner.cleanup())
+
+        return serve
+
+    run_room("httpserver", pipe, config.log_level, start)

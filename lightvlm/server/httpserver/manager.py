@@ -1,0 +1,208 @@
+"""The httpserver's request states: prepare (images, tokens), submit, and stream back text.
+
+Everything CPU-heavy (decoding images, hashing, tokenizing, writing shared memory) runs in a thread
+pool, never on the event loop. A request that ends early for any reason (client gone, error) sends an
+AbortReq so every room frees what it holds, and unlinks image bytes it wrote but never handed over.
+"""
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import zmq
+import zmq.asyncio
+
+from lightvlm.common import shm
+from lightvlm.common.logging import get_logger
+from lightvlm.config import ServerConfig
+from lightvlm.io_struct import AbortReq, GenerateReq, ImageItem, ReqError, RoomStats, TextOut
+from lightvlm.models.processor import PromptError, load_processor
+from lightvlm.sampling_params import SamplingParams
+from lightvlm.server.httpserver.media import ImageData, ImageError, MediaLimits, MediaLoader
+from lightvlm.server.httpserver.metrics import Metrics
+
+logger = get_logger(__name__)
+
+HEARTBEAT_TIMEOUT = 10.0  # seconds without a room's stats before /health says 503
+
+
+class ClientError(ValueError):
+    """A request the client must fix: answered with 400 and this message."""
+
+
+class RequestFailed(RuntimeError):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Prepared:
+    prompt_ids: list[int]
+    images: list[ImageData]
+    spans: list  # ImageSpan per image
+
+
+@dataclass
+class RequestState:
+    req_id: int
+    prompt_tokens: int
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    shm_names: list[str] = field(default_factory=list)
+    submitted_at: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    done: bool = False
+
+
+class HttpServerManager:
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="http-cpu")
+        self.processor = load_processor(config.model.processor_class, config.model.model_dir)
+        http = config.http
+        self.media = MediaLoader(MediaLimits(http.image_fetch_timeout, http.max_image_bytes, http.max_image_pixels),
+                                 self.processor.settings, self.executor)
+        self.metrics = Metrics()
+        self.states: dict[int, RequestState] = {}
+        self.room_stats: dict[str, dict[str, float]] = {}
+        self.room_seen: dict[str, float] = {}
+        self.ids = itertools.count(1)
+        self.context = zmq.asyncio.Context()
+        target = "visualserver" if config.visual.enabled else "router"
+        self.outbox = self.context.socket(zmq.PUSH)
+        self.outbox.setsockopt(zmq.LINGER, 0)
+        self.outbox.connect(config.runtime.endpoint(target))
+        self.inbox = self.context.socket(zmq.PULL)
+        self.inbox.bind(config.runtime.endpoint("httpserver"))
+        self.receiver: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self.receiver = asyncio.create_task(self.receive_loop())
+
+    async def close(self) -> None:
+        if self.receiver is not None:
+            self.receiver.cancel()
+        await self.media.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        for state in self.states.values():
+            for name in state.shm_names:
+                shm.unlink(name)
+
+    # -- health --------------------------------------------------------------------------------
+
+    @property
+    def expected_rooms(self) -> list[str]:
+        rooms = ["router", "detokenization"]
+        return rooms + ["visualserver"] if self.config.visual.enabled else rooms
+
+    def unhealthy_rooms(self) -> list[str]:
+        now = time.monotonic()
+        return [r for r in self.expected_rooms if now - self.room_seen.get(r, -HEARTBEAT_TIMEOUT) > HEARTBEAT_TIMEOUT]
+
+    def stat(self, room: str, name: str, default: float = 0) -> float:
+        return self.room_stats.get(room, {}).get(name, default)
+
+    # -- preparing a request -------------------------------------------------------------------
+
+    async def load_images(self, sources: list[tuple[str, str]]) -> list[ImageData]:
+        """(kind, data) pairs -> checked images, fetched concurrently."""
+        if sources and not self.config.visual.enabled:
+            raise ClientError("this server was started without --enable_multimodal and accepts no images")
+        try:
+            return list(await asyncio.gather(*(self.media.load(kind, data) for kind, data in sources)))
+        except ImageError as e:
+            self.metrics.images_rejected.labels(reason=e.reason).inc()
+            raise ClientError(str(e)) from None
+
+    async def prepare_text(self, text: str, images: list[ImageData], add_special_tokens: bool = True) -> Prepared:
+        prompt = await self._run(self._encode, self.processor.encode, text, images, add_special_tokens)
+        return Prepared(prompt.input_ids, images, prompt.image_spans)
+
+    async def prepare_chat(self, messages: list[dict], images: list[ImageData]) -> Prepared:
+        prompt = await self._run(self._encode, self.processor.encode_chat, messages, images)
+        return Prepared(prompt.input_ids, images, prompt.image_spans)
+
+    @staticmethod
+    def _encode(fn, first, images, *args):
+        try:
+            return fn(first, [(im.width, im.height) for im in images], *args)
+        except PromptError as e:
+            raise ClientError(str(e)) from None
+        except Exception as e:  # jinja errors and the like: the messages do not fit the template
+            raise ClientError(f"could not build the prompt: {type(e).__name__}: {e}") from None
+
+    def check_length(self, prepared: Prepared, params: SamplingParams, max_new_explicit: bool) -> SamplingParams:
+        """Prompt + max_new_tokens must fit --max_req_total_len; without an explicit max, use the rest."""
+        limit = self.config.router.max_req_total_len
+        room = limit - len(prepared.prompt_ids)
+        if room < 1:
+            raise ClientError(f"the prompt has {len(prepared.prompt_ids)} tokens (image tokens included); "
+                              f"the limit for prompt + output is {limit} (--max_req_total_len)")
+        if not max_new_explicit:
+            params.max_new_tokens = room
+        elif params.max_new_tokens > room:
+            raise ClientError(f"prompt ({len(prepared.prompt_ids)} tokens) + max_new_tokens "
+                              f"({params.max_new_tokens}) exceeds the limit of {limit} (--max_req_total_len)")
+        params.min_new_tokens = min(params.min_new_tokens, params.max_new_tokens)
+        return params
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    # -- running it ----------------------------------------------------------------------------
+
+    async def submit(self, prepared: Prepared, params: SamplingParams) -> RequestState:
+        state = RequestState(next(self.ids), len(prepared.prompt_ids))
+        self.states[state.req_id] = state
+        items = []
+        for i, (image, span) in enumerate(zip(prepared.images, prepared.spans)):
+            name = f"{self.config.runtime.shm_prefix}b{state.req_id}_{i}"
+            state.shm_names.append(name)
+            await self._run(shm.write_bytes, name, image.data)
+            items.append(ImageItem(image.key, name, len(image.data), image.width, image.height, span.offset,
+                                   span.length))
+        await self.outbox.send_pyobj(GenerateReq(state.req_id, tuple(prepared.prompt_ids), params, tuple(items)))
+        state.shm_names = []  # handed over: the visualserver unlinks them
+        self.metrics.requests_in_flight.inc()
+        return state
+
+    async def stream(self, state: RequestState) -> AsyncIterator[TextOut]:
+        """TextOut pieces until the request finishes; raises RequestFailed on a room's error."""
+        try:
+            while True:
+                out = await state.queue.get()
+                if isinstance(out, ReqError):
+                    self.metrics.finish(state, f"error_{out.status}")
+                    raise RequestFailed(out.status, out.message)
+                self.metrics.token(state)
+                yield out
+                if out.finish_reason is not None:
+                    self.metrics.finish(state, out.finish_reason)
+                    state.done = True
+                    return
+        finally:
+            self.states.pop(state.req_id, None)
+            if not state.done:
+                await self.abort(state)
+
+    async def abort(self, state: RequestState) -> None:
+        state.done = True
+        self.states.pop(state.req_id, None)
+        for name in state.shm_names:
+            shm.unlink(name)
+        await self.outbox.send_pyobj(AbortReq(state.req_id))
+        self.metrics.finish(state, "abort")
+
+    async def receive_loop(self) -> None:
+        while True:
+            message = await self.inbox.recv_pyobj()
+            for item in message if isinstance(message, list) else [message]:
+                if isinstance(item, RoomStats):
+                    self.room_stats[item.room] = dict(item.values)
+                    self.room_seen[item.room] = time.monotonic()
+                elif (state := self.states.get(item.req_id)) is not None:
+                    state.queue.put_nowait(item)

@@ -1,0 +1,260 @@
+"""LightLLM's native API: /generate, /generate_stream, /tokens and the small status endpoints.
+
+The request schema accepts every parameter name LightLLM accepts (see docs/protocol.md for the ones
+lightvlm does not act on yet) and rejects any other key, so a typo is a 400, not a silent default.
+"""
+
+import asyncio
+import json
+from contextlib import aclosing
+from typing import Any, Literal
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lightvlm.sampling_params import SamplingParams
+from lightvlm.server.httpserver.manager import ClientError, HttpServerManager, RequestState
+
+STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+class NativeImage(BaseModel):
+    model_config = STRICT
+    type: Literal["url", "base64"]
+    data: str
+
+
+class MultimodalParams(BaseModel):
+    model_config = STRICT
+    images: list[NativeImage] = Field(default_factory=list)
+
+
+class NativeParameters(BaseModel):
+    model_config = STRICT
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    max_new_tokens: int = 16
+    min_new_tokens: int = 1
+    ignore_eos: bool = False
+    stop_sequences: list[str] | str | None = None
+    stop_token_ids: list[int] = Field(default_factory=list)
+    seed: int | None = None
+    skip_special_tokens: bool = True
+    add_special_tokens: bool = True
+    return_details: bool = False
+    best_of: int = 1
+    n: int = 1
+    # Accepted for LightLLM compatibility, not acted on (docs/protocol.md lists them):
+    input_penalty: float | None = None
+    exponential_decay_length_penalty: Any = None
+    add_spaces_between_special_tokens: bool | None = None
+    print_eos_token: bool | None = None
+    image_max_patch_num: int | None = None
+    regular_constraint: str | None = None
+    guided_grammar: str | None = None
+    guided_json: Any = None
+    allowed_token_ids: list[int] | None = None
+    group_request_id: int | None = None
+    suggested_dp_index: int | None = None
+    move_kv_to_decode_node: Any = None
+
+    def to_sampling_params(self) -> SamplingParams:
+        stops = [self.stop_sequences] if isinstance(self.stop_sequences, str) else list(self.stop_sequences or [])
+        return SamplingParams(
+            max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens, do_sample=self.do_sample,
+            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty, seed=self.seed, ignore_eos=self.ignore_eos,
+            stop_sequences=stops, stop_token_ids=list(self.stop_token_ids),
+            skip_special_tokens=self.skip_special_tokens, logprobs=self.return_details,
+        )
+
+
+class GenerateRequest(BaseModel):
+    model_config = STRICT
+    inputs: str | list[int]
+    parameters: NativeParameters = Field(default_factory=NativeParameters)
+    multimodal_params: MultimodalParams = Field(default_factory=MultimodalParams)
+
+
+class TokensRequest(BaseModel):
+    model_config = STRICT
+    text: str
+    parameters: dict | None = None
+    multimodal_params: MultimodalParams = Field(default_factory=MultimodalParams)
+
+
+async def read_json(request: web.Request) -> Any:
+    body = await request.read()  # aiohttp raises 413 past client_max_size
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ClientError(f"the body is not valid JSON: {e}") from None
+
+
+def parse(model: type[BaseModel], data: Any) -> BaseModel:
+    if not isinstance(data, dict):
+        raise ClientError(f"the body must be a JSON object, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ClientError(describe(e)) from None
+
+
+def describe(error: ValidationError) -> str:
+    """One line per problem, naming the field: 'unknown parameter', 'wrong type', and so on."""
+    problems = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"])
+        if item["type"] == "extra_forbidden":
+            problems.append(f"unknown field '{where}'")
+        elif item["type"] == "missing":
+            problems.append(f"missing field '{where}'")
+        else:
+            problems.append(f"'{where}': {item['msg']} (got {item.get('input')!r:.60})")
+    return "; ".join(problems)
+
+
+def sampling_params(parameters: NativeParameters) -> SamplingParams:
+    if parameters.n < 1 or parameters.best_of < 1:
+        raise ClientError("n and best_of must be >= 1")
+    try:
+        return parameters.to_sampling_params().validate()
+    except ValueError as e:
+        raise ClientError(str(e)) from None
+
+
+class NativeAPI:
+    def __init__(self, manager: HttpServerManager):
+        self.manager = manager
+        tokenizer = manager.processor.tokenizer
+        self.special_ids = set(tokenizer.all_special_ids)
+        self.added_tokens = {token: i for token, i in tokenizer.get_added_vocab().items()}
+
+    def stop_tokens_by_name(self, params: SamplingParams) -> SamplingParams:
+        """LightLLM clients write special tokens as stop sequences, often with a leading space
+        (" <|im_end|>"): those become stop token ids, which is what they mean."""
+        strings = []
+        for stop in params.stop_sequences:
+            if stop.strip() in self.added_tokens:
+                params.stop_token_ids.append(self.added_tokens[stop.strip()])
+            else:
+                strings.append(stop)
+        params.stop_sequences = strings
+        return params
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_post("/generate", self.generate)
+        app.router.add_post("/generate_stream", self.generate_stream)
+        app.router.add_post("/tokens", self.tokens)
+        app.router.add_get("/get_model_name", self.model_name)
+        app.router.add_get("/token_load", self.token_load)
+
+    async def prepare(self, request: web.Request):
+        req = parse(GenerateRequest, await read_json(request))
+        params = self.stop_tokens_by_name(sampling_params(req.parameters))
+        images = await self.manager.load_images([(i.type, i.data) for i in req.multimodal_params.images])
+        if isinstance(req.inputs, list):
+            if images:
+                raise ClientError("images need a text prompt with placeholders, not token ids")
+            if not req.inputs:
+                raise ClientError("inputs is an empty list of token ids")
+            prepared = await self.manager.prepare_text("", [])
+            prepared.prompt_ids = list(req.inputs)
+        else:
+            prepared = await self.manager.prepare_text(req.inputs, images, req.parameters.add_special_tokens)
+        if not prepared.prompt_ids:
+            raise ClientError("the prompt is empty")
+        params = self.manager.check_length(prepared, params, max_new_explicit=True)
+        return req, prepared, params
+
+    async def generate(self, request: web.Request) -> web.Response:
+        req, prepared, params = await self.prepare(request)
+        count = max(req.parameters.n, req.parameters.best_of)
+        runs = [self._seeded(params, i) for i in range(count)]
+        states = [await self.manager.submit(prepared, p) for p in runs]
+        results = await asyncio.gather(*(self.collect(s) for s in states))
+        body = {
+            "generated_text": [text for text, _, _ in results],
+            "count_output_tokens": sum(len(tokens) for _, tokens, _ in results),
+            "finish_reason": results[0][2],
+            "prompt_tokens": len(prepared.prompt_ids),
+        }
+        if req.parameters.return_details:
+            body["tokens"] = results[0][1]
+        return web.json_response(body)
+
+    @staticmethod
+    def _seeded(params: SamplingParams, index: int) -> SamplingParams:
+        if index == 0:
+            return params
+        copy = SamplingParams(**vars(params))
+        copy.seed = None if params.seed is None else params.seed + index
+        return copy
+
+    async def collect(self, state: RequestState) -> tuple[str, list[dict], str]:
+        text, tokens, reason = [], [], None
+        async with aclosing(self.manager.stream(state)) as outputs:  # closing aborts an unfinished request
+            async for out in outputs:
+                text.append(out.text)
+                tokens.append(self.token_json(out))
+                reason = out.finish_reason
+        return "".join(text), tokens, reason
+
+    def token_json(self, out) -> dict:
+        return {"id": out.token_id, "text": out.text, "logprob": out.logprob.logprob if out.logprob else None,
+                "special": out.token_id in self.special_ids}
+
+    async def generate_stream(self, request: web.Request) -> web.StreamResponse:
+        req, prepared, params = await self.prepare(request)
+        if max(req.parameters.n, req.parameters.best_of) > 1:
+            raise ClientError("n and best_of > 1 are for /generate only, not for streaming")
+        state = await self.manager.submit(prepared, params)
+        async with aclosing(self.manager.stream(state)) as outputs:  # closing aborts an unfinished request
+            out = await anext(outputs)  # errors before the first token still get a proper status
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            await response.prepare(request)
+            text = []
+            while True:
+                text.append(out.text)
+                token = {**self.token_json(out), "count_output_tokens": out.num_output_tokens,
+                         "prompt_tokens": state.prompt_tokens}
+                event = {"token": token, "generated_text": "".join(text) if out.finish_reason else None,
+                         "finished": out.finish_reason is not None, "finish_reason": out.finish_reason,
+                         "details": None}
+                await response.write(b"data:" + json.dumps(event, ensure_ascii=False).encode() + b"\n\n")
+                if out.finish_reason is not None:
+                    break
+                out = await anext(outputs)
+        await response.write_eof()
+        return response
+
+    async def tokens(self, request: web.Request) -> web.Response:
+        req = parse(TokensRequest, await read_json(request))
+        images = await self.manager.load_images([(i.type, i.data) for i in req.multimodal_params.images])
+        prepared = await self.manager.prepare_text(req.text, images)
+        return web.json_response({"ntokens": len(prepared.prompt_ids)})
+
+    async def model_name(self, request: web.Request) -> web.Response:
+        return web.json_response({"model_name": self.manager.config.model.model_name})
+
+    async def token_load(self, request: web.Request) -> web.Response:
+        stat = self.manager.stat
+        total = stat("router", "kv_slots_total", 1) or 1
+        used = stat("router", "kv_slots_used")
+        return web.json_response({
+            "current_load": used / total, "logical_max_load": used / total, "dynamic_max_load": used / total,
+            "running_requests": stat("router", "running_requests"),
+            "waiting_requests": stat("router", "waiting_requests"),
+            "kv_slots_used": used, "kv_slots_total": total,
+            "embed_cache_held_entries": stat("visualserver", "embed_cache_held_entries"),
+            "embed_cache_hits": stat("visualserver", "embed_cache_hits_total"),
+            "embed_cache_misses": stat("visualserver", "embed_cache_misses_total"),
+            "images_encoded": stat("visualserver", "images_encoded_total"),
+        })

@@ -1,0 +1,107 @@
+"""Bad input gets a clear 4xx and the server keeps serving: /health stays 200, a normal request works."""
+
+import base64
+import io
+import zlib
+
+import pytest
+import requests
+from PIL import Image
+
+from helpers import image_bytes
+from server import wait_for
+
+PROMPT = "<|im_start|>user\n<img></img>\nDescribe this image.<|im_end|>\n<|im_start|>assistant\n"
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def request_with(images=None, prompt=PROMPT, **parameters):
+    return {"inputs": prompt, "parameters": {"max_new_tokens": 8, **parameters},
+            "multimodal_params": {"images": images if images is not None else
+                                  [{"type": "base64", "data": b64(image_bytes("coffee.jpg"))}]}}
+
+
+def huge_png_header() -> bytes:
+    """A PNG whose header claims 20000 x 20000 pixels (the data is a stub)."""
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(out, format="PNG")
+    data = bytearray(out.getvalue())
+    data[16:24] = (20000).to_bytes(4, "big") + (20000).to_bytes(4, "big")
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")  # the IHDR chunk's CRC, kept valid
+    return bytes(data)
+
+
+def truncated_png() -> bytes:
+    data = image_bytes("chelsea.png")
+    return data[: len(data) // 2]
+
+
+CASES = {
+    "broken JSON": ("raw", b'{"inputs": "hi", "parameters": {', "not valid JSON"),
+    "body is not an object": ("json", ["hi"], "must be a JSON object"),
+    "missing inputs": ("json", {"parameters": {}}, "missing field 'inputs'"),
+    "wrong type for max_new_tokens": ("json", request_with(max_new_tokens="8"), "parameters.max_new_tokens"),
+    "wrong type for do_sample": ("json", request_with(do_sample="yes"), "parameters.do_sample"),
+    "unknown parameter": ("json", request_with(max_new_token=8), "unknown field 'parameters.max_new_token'"),
+    "unknown top-level field": ("json", {**request_with(), "prompt": "x"}, "unknown field 'prompt'"),
+    "negative max_new_tokens": ("json", request_with(max_new_tokens=-3), "max_new_tokens must be an integer >= 1"),
+    "top_p out of range": ("json", request_with(top_p=1.5), "top_p must be in (0, 1]"),
+    "bad base64": ("json", request_with([{"type": "base64", "data": "@@@not base64@@@"}]), "not valid base64"),
+    "bytes that are not an image": ("json", request_with([{"type": "base64", "data": b64(b"hello world" * 20)}]),
+                                    "not a supported image"),
+    "truncated PNG": ("json", request_with([{"type": "base64", "data": b64(truncated_png())}]), "truncated"),
+    "huge-pixel header": ("json", request_with([{"type": "base64", "data": b64(huge_png_header())}]),
+                          "pixels; the limit is"),
+    "unknown image type": ("json", request_with([{"type": "file", "data": "/etc/passwd"}]), "images.0.type"),
+    "placeholder/image count mismatch": ("json", request_with(prompt="<img></img> and <img></img>"),
+                                         "2 image placeholder(s) but 1 image(s)"),
+    "prompt over max_req_total_len": ("json", request_with([], prompt="word " * 2500), "--max_req_total_len"),
+    "prompt + max_new_tokens over the limit": ("json", request_with(max_new_tokens=2040),
+                                               "exceeds the limit of 2048"),
+    "unreachable URL": ("json", request_with([{"type": "url", "data": "http://127.0.0.1:9/x.png"}]),
+                        "could not fetch"),
+    "non-http URL": ("json", request_with([{"type": "url", "data": "file:///etc/passwd"}]), "must be http(s)"),
+    "empty token id list": ("json", request_with([], prompt=[]), "empty list of token ids"),
+    "min above max tokens": ("json", request_with(min_new_tokens=9), "min_new_tokens (9) exceeds max_new_tokens"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_gets_4xx_with_a_message(main_server, case):
+    kind, payload, expected = CASES[case]
+    if kind == "raw":
+        response = requests.post(main_server.url + "/generate", data=payload, timeout=30)
+    else:
+        response = main_server.post("/generate", payload)
+    assert 400 <= response.status_code < 500, (response.status_code, response.text)
+    message = response.json()["message"]
+    assert expected in message, message
+    assert main_server.get("/health").status_code == 200
+
+
+def test_body_over_max_body_size_is_413(main_server):
+    response = main_server.post("/generate", request_with([{"type": "base64", "data": "A" * (4 * 2**20)}]))
+    assert response.status_code == 413
+    assert "--max_body_size" in response.json()["message"]
+
+
+def test_image_download_timeout_and_404(main_server, image_server):
+    slow = main_server.post("/generate", request_with([{"type": "url", "data": f"{image_server}/slow/coffee.jpg"}]))
+    assert slow.status_code == 400 and "could not fetch" in slow.json()["message"]
+    missing = main_server.post("/generate", request_with([{"type": "url", "data": f"{image_server}/nope.png"}]))
+    assert missing.status_code == 400 and "HTTP 404" in missing.json()["message"]
+
+
+def test_rejections_are_counted_by_reason(main_server):
+    main_server.post("/generate", request_with([{"type": "base64", "data": b64(b"nope" * 50)}]))
+    metrics = main_server.get("/metrics").text
+    assert 'lightvlm_images_rejected_total{reason="not_an_image"}' in metrics
+
+
+def test_server_still_serves_after_bad_input(main_server):
+    response = main_server.post("/generate", request_with())
+    assert response.status_code == 200 and response.json()["count_output_tokens"] >= 1
+    assert wait_for(lambda: main_server.get("/token_load").json()["kv_slots_used"] == 0)

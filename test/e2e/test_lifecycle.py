@@ -1,0 +1,123 @@
+"""Start-up, text-only mode, failing rooms, failing requests, and shutdown."""
+
+import base64
+import shutil
+import signal
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from safetensors.torch import load_file, save_file
+
+from conftest import FAULTY_IMAGE, FAULTY_TOKEN, start
+from helpers import image_bytes
+from server import Server, alive
+
+CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def run_cli(*args, timeout=60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lightvlm.server.api_server", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_help_explains_every_flag():
+    out = run_cli("--help").stdout
+    for flag in ("--host", "--port", "--model_dir", "--model_name", "--tp", "--data_type", "--mem_fraction",
+                 "--max_total_token_num", "--max_req_total_len", "--batch_max_tokens", "--running_max_req_size",
+                 "--trust_remote_code", "--enable_multimodal", "--visual_infer_batch_size", "--cache_capacity",
+                 "--visual_dp", "--visual_tp", "--max_body_size", "--llm_threads", "--visual_threads"):
+        assert flag in out, flag
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--tp", "0"], "--tp must be >= 1"),
+    (["--max_total_token_num", "100", "--max_req_total_len", "2048"], "raise --max_total_token_num or lower"),
+    (["--max_req_total_len", "100000"], "exceeds the model's max_position_embeddings"),
+    (["--mem_fraction", "1.5"], "--mem_fraction must be in (0, 1]"),
+])
+def test_impossible_values_fail_at_start_up_saying_what_to_change(tiny_qwen2, args, message):
+    result = run_cli("--model_dir", str(tiny_qwen2), *args)
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+def test_bad_image_length_env_fails_at_start_up(tiny_qwen2):
+    result = subprocess.run([sys.executable, "-m", "lightvlm.server.api_server", "--model_dir", str(tiny_qwen2)],
+                            capture_output=True, text=True, timeout=60, env={"INTERNVL_IMAGE_LENGTH": "256",
+                                                                             "PATH": "/usr/bin:/bin"})
+    assert result.returncode != 0 and "INTERNVL_IMAGE_LENGTH=256 contradicts the checkpoint" in result.stderr
+
+
+def test_a_room_failing_at_start_up_stops_everything_with_its_traceback(tiny_qwen2, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_qwen2, broken)
+    tensors = load_file(broken / "model.safetensors")
+    del tensors["model.language_model.norm.weight"]
+    save_file(tensors, broken / "model.safetensors")
+    server = Server(broken, "--enable_multimodal", log_path=tmp_path / "log")
+    code = server.process.wait(timeout=180)
+    output = server.output()
+    assert code != 0
+    assert "worker0 failed to start" in output and "Traceback" in output
+    assert "missing the tensor for language.language_model.norm.weight" in output
+    assert not [p for p in server.descendants if alive(p)]
+
+
+@pytest.fixture(scope="module")
+def text_server(tmp_path_factory, tiny_llama):
+    server = start(tmp_path_factory, "text-only", tiny_llama, "--max_req_total_len", "1024",
+                   "--max_total_token_num", "20000")
+    yield server
+    server.stop()
+
+
+def test_text_only_server_rejects_images_with_400(text_server):
+    ok = text_server.post("/generate", {"inputs": CHAT.format("Hello!"), "parameters": {"max_new_tokens": 5}})
+    assert ok.status_code == 200
+    images = [{"type": "base64", "data": base64.b64encode(image_bytes("coffee.jpg")).decode()}]
+    refused = text_server.post("/generate", {"inputs": CHAT.format("<image>Hi"), "multimodal_params":
+                                             {"images": images}})
+    assert refused.status_code == 400 and "--enable_multimodal" in refused.json()["message"]
+
+
+def test_sigint_stops_the_text_server(text_server):
+    descendants = text_server.descendants
+    assert descendants
+    seconds = text_server.stop(signal.SIGINT)
+    assert seconds < 10 and text_server.process.returncode == 0
+    assert not [p for p in descendants if alive(p)]
+
+
+def faulty_requests():
+    good = {"inputs": CHAT.format("<img></img>Describe."), "parameters": {"max_new_tokens": 12},
+            "multimodal_params": {"images": [{"type": "base64",
+                                              "data": base64.b64encode(image_bytes("rocket.jpg")).decode()}]}}
+    bad_image = {**good, "multimodal_params": {"images": [
+        {"type": "base64", "data": base64.b64encode(image_bytes(FAULTY_IMAGE)).decode()}]}}
+    bad_step = {"inputs": [1, 2, FAULTY_TOKEN, 3], "parameters": {"max_new_tokens": 12}}
+    return good, bad_image, bad_step
+
+
+def test_a_request_that_crashes_the_encoder_or_the_step_fails_alone_with_500(main_server):
+    good, bad_image, bad_step = faulty_requests()
+    with ThreadPoolExecutor(6) as pool:
+        responses = list(pool.map(lambda b: main_server.post("/generate", b),
+                                  [good, bad_image, good, bad_step, good, good]))
+    codes = [r.status_code for r in responses]
+    assert codes == [200, 500, 200, 500, 200, 200], [r.text for r in responses]
+    assert "vision encoder failed" in responses[1].json()["message"]
+    assert "model worker failed" in responses[3].json()["message"]
+    assert main_server.get("/health").status_code == 200
+    assert main_server.post("/generate", good).status_code == 200
+    metrics = main_server.get("/metrics").text
+    assert 'lightvlm_requests_total{status="error_500"}' in metrics
+
+
+def test_metrics_are_prometheus_text(main_server):
+    families = {f.name: f for f in text_string_to_metric_families(main_server.get("/metrics").text)}
+    for name in ("lightvlm_requests", "lightvlm_time_to_first_token_seconds", "lightvlm_kv_slots_used",
+                 "lightvlm_embed_cache_hits", "lightvlm_running_requests"):
+        assert name in families, name
