@@ -89,7 +89,7 @@ SPECS: dict[tuple[str, str, str], DemoSpec] = {
     # and 96-pixel tiles of 16-pixel patches (9 tokens per tile).
     ("internvl", "tiny", "llama"): DemoSpec(
         backbone="llama", vocab_target=600, hidden_size=48, num_layers=3, num_heads=6, num_kv_heads=2,
-        intermediate_size=96, head_dim=16, vision_hidden=48, vision_layers=3, vision_heads=3,
+        intermediate_size=96, head_dim=16, vision_hidden=48, vision_layers=3, vision_heads=4,
         vision_intermediate=96, image_size=96, patch_size=16, max_patches=4, initializer_range=0.1,
         tie_word_embeddings=False, vision_qk_norm=True, vision_norm="rms_norm", rope_theta=10_000.0,
     ),

@@ -105,3 +105,17 @@ def test_server_still_serves_after_bad_input(main_server):
     response = main_server.post("/generate", request_with())
     assert response.status_code == 200 and response.json()["count_output_tokens"] >= 1
     assert wait_for(lambda: main_server.get("/token_load").json()["kv_slots_used"] == 0)
+
+
+def test_request_needing_more_cache_than_exists_is_rejected_not_parked(main_server):
+    """The main server's cache holds 16 entries; 17 distinct images can never fit at once."""
+    images = []
+    for i in range(17):
+        out = io.BytesIO()
+        Image.new("RGB", (12, 12), (i * 15, 40, 200)).save(out, format="PNG")
+        images.append({"type": "base64", "data": b64(out.getvalue())})
+    prompt = "<|im_start|>user\n" + "<image>" * 17 + "Compare them.<|im_end|>\n<|im_start|>assistant\n"
+    response = main_server.post("/generate", request_with(images, prompt=prompt), timeout=30)
+    assert response.status_code == 400
+    assert "needs more embedding cache than exists" in response.json()["message"]
+    assert "--cache_capacity" in response.json()["message"]
