@@ -18,7 +18,7 @@ $(INSTALLED): setup.py
 install: $(INSTALLED)
 
 lint: $(INSTALLED)
-	$(VENV)/bin/ruff check lightvlm test benchmark
+	$(VENV)/bin/ruff check .
 
 test: lint
 	$(PY) -m pytest -q test
