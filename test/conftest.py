@@ -33,3 +33,9 @@ def tiny_llama(checkpoints_dir) -> Path:
 def tiny_checkpoint(request) -> Path:
     return request.getfixturevalue(request.param)
 
+
+
+@pytest.fixture(scope="session")
+def small_checkpoint(checkpoints_dir) -> Path:
+    """The demo/benchmark checkpoint: about 27M parameters with real InternVL tile geometry."""
+    return build_demo_checkpoint(checkpoints_dir / "small", size="small")

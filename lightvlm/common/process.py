@@ -8,6 +8,7 @@ binds sockets) and returns its loop; once it returns, "ready" goes up the pipe a
 
 import contextlib
 import ctypes
+import logging
 import os
 import signal
 import sys
@@ -39,10 +40,15 @@ def run_room(name: str, pipe, log_level: str, start: Callable[[], Callable[[], N
         os._exit(1)
     pipe.send(("ready", name))
     pipe.close()
+    code = 0
     try:
         loop()
     except SystemExit:
-        pass
+        pass  # SIGTERM: the loop's finally blocks have released what the room held
     except BaseException:
         logger.error("%s crashed:\n%s", name, traceback.format_exc())
-        sys.exit(1)
+        code = 1
+    # Skip the interpreter's own teardown: collecting torch's and transformers' objects takes seconds
+    # when every room does it at once, and there is nothing left in them to save.
+    logging.shutdown()
+    os._exit(code)

@@ -46,8 +46,9 @@ class Server:
     def __init__(self, model_dir, *args, env: dict | None = None, log_path: Path | None = None):
         self.port = free_ports(1)[0]
         self.url = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "lightvlm.server.api_server", "--model_dir", str(model_dir),
-                   "--port", str(self.port), *map(str, args)]
+        model = ["--model_dir", str(model_dir)] if model_dir is not None else []  # None: the demo checkpoint
+        command = [sys.executable, "-m", "lightvlm.server.api_server", *model, "--port", str(self.port),
+                   *map(str, args)]
         self.log_path = log_path
         self.log = open(log_path, "w+") if log_path else subprocess.DEVNULL  # noqa: SIM115 (lives with the server)
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT,

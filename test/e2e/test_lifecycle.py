@@ -67,11 +67,20 @@ def test_a_room_failing_at_start_up_stops_everything_with_its_traceback(tiny_qwe
 
 
 @pytest.fixture(scope="module")
-def text_server(tmp_path_factory, tiny_llama):
-    server = start(tmp_path_factory, "text-only", tiny_llama, "--max_req_total_len", "1024",
-                   "--max_total_token_num", "20000")
+def text_server(tmp_path_factory):
+    """No --model_dir and no --enable_multimodal: the small demo checkpoint, built into a fresh cache."""
+    cache = tmp_path_factory.mktemp("cache")
+    server = start(tmp_path_factory, "text-only", None, "--max_req_total_len", "1024",
+                   "--max_total_token_num", "20000", env={"LIGHTVLM_CACHE": str(cache)})
+    server.cache = cache
     yield server
     server.stop()
+
+
+def test_without_model_dir_the_demo_is_built_once_and_said_to_be_random(text_server):
+    assert (text_server.cache / "demo-internvl-small" / "config.json").exists()
+    assert "RANDOM" in text_server.output()
+    assert text_server.get("/get_model_name").json() == {"model_name": "demo-internvl-small"}
 
 
 def test_text_only_server_rejects_images_with_400(text_server):

@@ -1,4 +1,5 @@
-"""--tp 2 and --visual_dp 2 give the greedy tokens of --tp 1, and SIGTERM stops everything cleanly."""
+"""--tp 2 and --visual_dp 2 (each replica itself split over --visual_tp 2) give the greedy tokens of one
+process each, and SIGTERM stops everything cleanly."""
 
 import base64
 import signal
@@ -35,7 +36,8 @@ def token_ids(server, bodies):
 
 @pytest.fixture(scope="module")
 def parallel_server(tmp_path_factory, tiny_qwen2):
-    server = start(tmp_path_factory, "parallel", tiny_qwen2, *MAIN_ARGS, "--tp", "2", "--visual_dp", "2")
+    server = start(tmp_path_factory, "parallel", tiny_qwen2, *MAIN_ARGS, "--tp", "2", "--visual_dp", "2",
+                   "--visual_tp", "2")
     yield server
     server.stop()
 
@@ -51,14 +53,14 @@ def test_tp2_and_visual_dp2_give_the_same_tokens_as_one_process(main_server, par
 def test_parallel_server_runs_two_workers_and_two_encoders(parallel_server):
     output = parallel_server.output()
     assert "rank 1/2 ready" in output
-    assert "encoder replica 1 rank 0 ready" in output
-    # 2 cores shared by 4 compute processes: each gets one torch thread, unless a flag says otherwise
-    assert output.count(", 1 threads") == 4
+    assert "encoder replica 1 rank 1 ready" in output
+    # 2 cores shared by 6 compute processes: each gets one torch thread, unless a flag says otherwise
+    assert output.count(", 1 threads") == 6
 
 
 def test_sigterm_stops_every_process_and_segment(parallel_server):
     """Runs last in this module: it stops the parallel server."""
-    assert len(children_of(parallel_server.process.pid)) >= 7  # 2 workers, 2 encoders and the 4 managers
+    assert len(children_of(parallel_server.process.pid)) >= 10  # 2 workers, 4 encoders and the 4 managers
     assert parallel_server.shm_segments(), "the image requests above left cache entries in shared memory"
     seconds = parallel_server.stop(signal.SIGTERM)
     assert seconds < 10

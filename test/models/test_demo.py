@@ -76,3 +76,14 @@ def test_sharded_and_bf16_variants(tmp_path, dtype):
     assert json.loads((out / "config.json").read_text())["dtype"] == dtype
     with safe_open(out / next(iter(index["weight_map"].values())), framework="pt") as f:
         assert f.get_tensor(next(iter(f.keys()))).dtype == torch.bfloat16
+
+
+def test_small_checkpoint_has_real_internvl_geometry_and_loads_in_transformers(small_checkpoint):
+    assert 20_000_000 <= num_parameters(small_checkpoint) <= 40_000_000
+    config = json.loads((small_checkpoint / "config.json").read_text())
+    vision, text = config["vision_config"], config["text_config"]
+    assert vision["image_size"] == [448, 448] and vision["patch_size"] == [14, 14]
+    assert config["image_seq_length"] == 256 and text["hidden_size"] == 512 and text["num_hidden_layers"] == 6
+    assert json.loads((small_checkpoint / "preprocessor_config.json").read_text())["max_patches"] == 12
+    ids, _ = hf_generate(small_checkpoint, hf_messages("Describe the picture.", []), 8)
+    assert len(ids) >= 1
