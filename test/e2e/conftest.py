@@ -19,7 +19,8 @@ from helpers import IMAGES, image_bytes
 from server import Server
 
 # Faults the main server injects, for the tests that prove one failing request hurts no other:
-# an image whose bytes have this MD5 makes the vision encoder raise; this token id makes the model step raise.
+# an image whose bytes have this MD5 makes the vision encoder raise; a prompt starting with this token id makes
+# the model step raise.
 FAULTY_IMAGE = "coffee_palette.png"
 FAULTY_TOKEN = 99
 

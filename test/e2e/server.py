@@ -45,6 +45,7 @@ def alive(pid: int) -> bool:
 class Server:
     def __init__(self, model_dir, *args, env: dict | None = None, log_path: Path | None = None):
         self.port = free_ports(1)[0]
+        self.api_key = next((args[i + 1] for i, a in enumerate(args) if a == "--api_key"), None)
         self.url = f"http://127.0.0.1:{self.port}"
         model = ["--model_dir", str(model_dir)] if model_dir is not None else []  # None: the demo checkpoint
         command = [sys.executable, "-m", "lightvlm.server.api_server", *model, "--port", str(self.port),
@@ -80,11 +81,18 @@ class Server:
     def shm_segments(self) -> list[str]:
         return sorted(p.name for p in SHM.glob(f"lvlm{self.instance}_*")) if self.instance else []
 
+    @property
+    def headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
     def post(self, path: str, json=None, **kwargs) -> requests.Response:
-        return requests.post(self.url + path, json=json, timeout=kwargs.pop("timeout", 120), **kwargs)
+        headers = {**self.headers, **kwargs.pop("headers", {})}
+        return requests.post(self.url + path, json=json, headers=headers, timeout=kwargs.pop("timeout", 120),
+                             **kwargs)
 
     def get(self, path: str, **kwargs) -> requests.Response:
-        return requests.get(self.url + path, timeout=kwargs.pop("timeout", 30), **kwargs)
+        headers = {**self.headers, **kwargs.pop("headers", {})}
+        return requests.get(self.url + path, headers=headers, timeout=kwargs.pop("timeout", 30), **kwargs)
 
     def stop(self, sig=signal.SIGTERM, timeout: float = 10) -> float:
         """Signal the launcher; returns seconds until it and every descendant were gone."""

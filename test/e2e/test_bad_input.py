@@ -65,6 +65,7 @@ CASES = {
                         "could not fetch"),
     "non-http URL": ("json", request_with([{"type": "url", "data": "file:///etc/passwd"}]), "must be http(s)"),
     "empty token id list": ("json", request_with([], prompt=[]), "empty list of token ids"),
+    "token id outside the vocabulary": ("json", request_with([], prompt=[1, 2, 10**9]), "token ids must be in [0, "),
     "min above max tokens": ("json", request_with(min_new_tokens=9), "min_new_tokens (9) exceeds max_new_tokens"),
 }
 

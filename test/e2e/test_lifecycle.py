@@ -7,7 +7,9 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+import openai
 import pytest
+import requests
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file, save_file
 
@@ -71,7 +73,8 @@ def text_server(tmp_path_factory):
     """No --model_dir and no --enable_multimodal: the small demo checkpoint, built into a fresh cache."""
     cache = tmp_path_factory.mktemp("cache")
     server = start(tmp_path_factory, "text-only", None, "--max_req_total_len", "1024",
-                   "--max_total_token_num", "20000", env={"LIGHTVLM_CACHE": str(cache)})
+                   "--max_total_token_num", "20000", "--api_key", "sesame", "--allow_origins", "http://app.example",
+                   env={"LIGHTVLM_CACHE": str(cache)})
     server.cache = cache
     yield server
     server.stop()
@@ -92,6 +95,35 @@ def test_text_only_server_rejects_images_with_400(text_server):
     assert refused.status_code == 400 and "--enable_multimodal" in refused.json()["message"]
 
 
+def test_api_key_is_required_except_for_probes(text_server):
+    body = {"inputs": CHAT.format("Hello!"), "parameters": {"max_new_tokens": 3}}
+    for path, payload in (("/generate", body), ("/v1/chat/completions",
+                                                {"model": "m", "messages": [{"role": "user", "content": "hi"}]})):
+        refused = requests.post(text_server.url + path, json=payload, timeout=30)
+        assert refused.status_code == 401
+        wrong = requests.post(text_server.url + path, json=payload, headers={"Authorization": "Bearer nope"},
+                              timeout=30)
+        assert wrong.status_code == 401
+    assert refused.json()["error"]["type"] == "authentication_error"  # OpenAI's shape on /v1 routes
+    assert text_server.post("/generate", body).status_code == 200
+    assert requests.get(text_server.url + "/health", timeout=10).status_code == 200
+    client = openai.OpenAI(base_url=text_server.url + "/v1", api_key="sesame")
+    assert client.models.list().data[0].id == "demo-internvl-small"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=text_server.url + "/v1", api_key="wrong").models.list()
+
+
+def test_cors_for_allowed_origins_only(text_server):
+    preflight = requests.options(text_server.url + "/v1/chat/completions", timeout=10, headers={
+        "Origin": "http://app.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type"})
+    assert preflight.status_code == 204
+    assert preflight.headers["Access-Control-Allow-Origin"] == "http://app.example"
+    assert "authorization" in preflight.headers["Access-Control-Allow-Headers"]
+    other = requests.get(text_server.url + "/health", headers={"Origin": "http://evil.example"}, timeout=10)
+    assert "Access-Control-Allow-Origin" not in other.headers
+
+
 def test_sigint_stops_the_text_server(text_server):
     descendants = text_server.descendants
     assert descendants
@@ -106,7 +138,7 @@ def faulty_requests():
                                               "data": base64.b64encode(image_bytes("rocket.jpg")).decode()}]}}
     bad_image = {**good, "multimodal_params": {"images": [
         {"type": "base64", "data": base64.b64encode(image_bytes(FAULTY_IMAGE)).decode()}]}}
-    bad_step = {"inputs": [1, 2, FAULTY_TOKEN, 3], "parameters": {"max_new_tokens": 12}}
+    bad_step = {"inputs": [FAULTY_TOKEN, 1, 2, 3], "parameters": {"max_new_tokens": 12}}
     return good, bad_image, bad_step
 
 

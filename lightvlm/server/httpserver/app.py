@@ -14,6 +14,7 @@ from lightvlm.common.process import run_room
 from lightvlm.config import ServerConfig
 from lightvlm.server.httpserver.manager import ClientError, HttpServerManager, RequestFailed
 from lightvlm.server.httpserver.native_api import NativeAPI
+from lightvlm.server.httpserver.openai_api import OpenAIAPI
 
 logger = get_logger(__name__)
 
@@ -51,10 +52,51 @@ async def errors_as_json(request: web.Request, handler):
         return error_response(request, 500, f"internal error in the httpserver: {type(e).__name__}: {e}")
 
 
+OPEN_PATHS = ("/health", "/liveness", "/readiness", "/metrics")  # probes answer without the API key
+
+
+def api_key_check(api_key: str):
+    expected = f"Bearer {api_key}"
+
+    @web.middleware
+    async def check(request: web.Request, handler):
+        if request.method != "OPTIONS" and request.path not in OPEN_PATHS and \
+                request.headers.get("Authorization") != expected:
+            return error_response(request, 401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
+        return await handler(request)
+
+    return check
+
+
+def cors(origins: tuple[str, ...]):
+    @web.middleware
+    async def allow(request: web.Request, handler):
+        origin = request.headers.get("Origin")
+        allowed = origin is not None and ("*" in origins or origin in origins)
+        if request.method == "OPTIONS" and allowed:
+            response = web.Response(status=204)
+        else:
+            response = await handler(request)
+        if allowed:
+            response.headers["Access-Control-Allow-Origin"] = "*" if "*" in origins else origin
+            response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+            response.headers["Access-Control-Allow-Headers"] = request.headers.get(
+                "Access-Control-Request-Headers", "Authorization, Content-Type")
+            response.headers["Vary"] = "Origin"
+        return response
+
+    return allow
+
+
 def build_app(manager: HttpServerManager) -> web.Application:
     config = manager.config
-    app = web.Application(client_max_size=config.http.max_body_size, middlewares=[errors_as_json])
+    middlewares = [cors(config.http.allow_origins)] if config.http.allow_origins else []
+    middlewares.append(errors_as_json)
+    if config.http.api_key:
+        middlewares.append(api_key_check(config.http.api_key))
+    app = web.Application(client_max_size=config.http.max_body_size, middlewares=middlewares)
     NativeAPI(manager).add_routes(app)
+    OpenAIAPI(manager).add_routes(app)
 
     async def health(request):
         down = manager.unhealthy_rooms()

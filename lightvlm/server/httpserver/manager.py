@@ -67,6 +67,7 @@ class HttpServerManager:
         self.media = MediaLoader(MediaLimits(http.image_fetch_timeout, http.max_image_bytes, http.max_image_pixels),
                                  self.processor.settings, self.executor)
         self.metrics = Metrics()
+        self.added_tokens = dict(self.processor.tokenizer.get_added_vocab())
         self.states: dict[int, RequestState] = {}
         self.room_stats: dict[str, dict[str, float]] = {}
         self.room_seen: dict[str, float] = {}
@@ -134,6 +135,26 @@ class HttpServerManager:
             raise ClientError(str(e)) from None
         except Exception as e:  # jinja errors and the like: the messages do not fit the template
             raise ClientError(f"could not build the prompt: {type(e).__name__}: {e}") from None
+
+    def prepare_ids(self, ids: list[int]) -> Prepared:
+        """A prompt given as token ids (text only): every id must be in the vocabulary."""
+        vocab = len(self.processor.tokenizer)
+        bad = [i for i in ids if not isinstance(i, int) or not 0 <= i < vocab]
+        if bad:
+            raise ClientError(f"token ids must be in [0, {vocab}), got {bad[:5]}")
+        return Prepared(list(ids), [], [])
+
+    def stop_tokens_by_name(self, params: SamplingParams) -> SamplingParams:
+        """A stop sequence that names a special token (LightLLM clients write " <|im_end|>", with a
+        leading space) becomes a stop token id: special tokens never reach the text to be matched."""
+        strings = []
+        for stop in params.stop_sequences:
+            if stop.strip() in self.added_tokens:
+                params.stop_token_ids.append(self.added_tokens[stop.strip()])
+            else:
+                strings.append(stop)
+        params.stop_sequences = strings
+        return params
 
     def check_length(self, prepared: Prepared, params: SamplingParams, max_new_explicit: bool) -> SamplingParams:
         """Prompt + max_new_tokens must fit --max_req_total_len; without an explicit max, use the rest."""

@@ -133,21 +133,7 @@ def sampling_params(parameters: NativeParameters) -> SamplingParams:
 class NativeAPI:
     def __init__(self, manager: HttpServerManager):
         self.manager = manager
-        tokenizer = manager.processor.tokenizer
-        self.special_ids = set(tokenizer.all_special_ids)
-        self.added_tokens = {token: i for token, i in tokenizer.get_added_vocab().items()}
-
-    def stop_tokens_by_name(self, params: SamplingParams) -> SamplingParams:
-        """LightLLM clients write special tokens as stop sequences, often with a leading space
-        (" <|im_end|>"): those become stop token ids, which is what they mean."""
-        strings = []
-        for stop in params.stop_sequences:
-            if stop.strip() in self.added_tokens:
-                params.stop_token_ids.append(self.added_tokens[stop.strip()])
-            else:
-                strings.append(stop)
-        params.stop_sequences = strings
-        return params
+        self.special_ids = set(manager.processor.tokenizer.all_special_ids)
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/generate", self.generate)
@@ -158,15 +144,14 @@ class NativeAPI:
 
     async def prepare(self, request: web.Request):
         req = parse(GenerateRequest, await read_json(request))
-        params = self.stop_tokens_by_name(sampling_params(req.parameters))
+        params = self.manager.stop_tokens_by_name(sampling_params(req.parameters))
         images = await self.manager.load_images([(i.type, i.data) for i in req.multimodal_params.images])
         if isinstance(req.inputs, list):
             if images:
                 raise ClientError("images need a text prompt with placeholders, not token ids")
             if not req.inputs:
                 raise ClientError("inputs is an empty list of token ids")
-            prepared = await self.manager.prepare_text("", [])
-            prepared.prompt_ids = list(req.inputs)
+            prepared = self.manager.prepare_ids(req.inputs)
         else:
             prepared = await self.manager.prepare_text(req.inputs, images, req.parameters.add_special_tokens)
         if not prepared.prompt_ids:

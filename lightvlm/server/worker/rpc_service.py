@@ -24,7 +24,7 @@ from lightvlm.models.weight_loader import resolve_dtype
 
 logger = get_logger(__name__)
 
-FAULT_ENV = "LIGHTVLM_FAULT_STEP_TOKEN"  # tests: a step whose input holds this token id raises
+FAULT_ENV = "LIGHTVLM_FAULT_STEP_TOKEN"  # tests: a request whose prompt starts with this token id raises
 
 
 class ShmImageStore:
@@ -87,8 +87,13 @@ class ModelWorkerService(NoDelayService):
         return pickle.dumps(self.runner.step(step, self._check_fault))
 
     def _check_fault(self, step) -> None:
-        if self.fault_token is not None and self.fault_token in step.input_ids:
-            raise RuntimeError(f"injected fault: token {self.fault_token} in the step ({FAULT_ENV})")
+        if self.fault_token is None:
+            return
+        row = 0
+        for req_id, n in zip(step.req_ids, step.num_new_tokens):
+            if self.runner.reqs[req_id].num_cached == 0 and step.input_ids[row] == self.fault_token:
+                raise RuntimeError(f"injected fault: a prompt starting with token {self.fault_token} ({FAULT_ENV})")
+            row += n
 
 
 def start_worker_process(config: ServerConfig, rank: int, pipe) -> None:
