@@ -27,6 +27,7 @@ serve: $(INSTALLED)
 	$(PY) -m lightvlm.server.api_server --enable_multimodal $(ARGS)
 
 bench: $(INSTALLED)
+	$(PY) -m pip install -q -e '.[test,bench]'
 	$(PY) -m benchmark.run_all
 
 clean:

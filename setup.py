@@ -31,6 +31,8 @@ TEST_REQUIRES = [
     "triton==3.9.0",
 ]
 
+BENCH_REQUIRES = ["matplotlib==3.11.2"]  # the plot in docs/performance.png
+
 setup(
     name="lightvlm",
     version="0.1.0",
@@ -39,5 +41,5 @@ setup(
     packages=find_packages(include=["lightvlm", "lightvlm.*"]),
     package_data={"lightvlm.models": ["demo_corpus.txt"]},
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": TEST_REQUIRES},
+    extras_require={"test": TEST_REQUIRES, "bench": BENCH_REQUIRES},
 )

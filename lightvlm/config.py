@@ -47,7 +47,7 @@ class RouterConfig:
     max_total_token_num: int | None = None  # KV slots; None: derived from mem_fraction
     mem_fraction: float = 0.9
     max_req_total_len: int = 8192  # prompt + output tokens of one request
-    batch_max_tokens: int = 8192  # tokens computed per step
+    batch_max_tokens: int = 512  # tokens computed per step
     running_max_req_size: int = 1000
 
 
@@ -75,8 +75,12 @@ class HttpConfig:
 
 @dataclass(frozen=True)
 class CpuConfig:
-    llm_threads: int = 1  # torch threads per model worker
-    visual_threads: int = 1  # torch threads per encoder worker
+    """Torch threads per compute process. None: share the cores dynamically among the processes busy
+    at each moment (common/cpu_share.py); a number: that many, always."""
+
+    llm_threads: int | None = None  # per model worker
+    visual_threads: int | None = None  # per encoder worker
+    cores: int = 1  # what the dynamic share divides
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,7 @@ class RuntimeConfig:
 
     instance: str = ""
     ipc_dir: str = ""
+    cpu_share: str = ""  # shared-memory table of busy compute processes (see common/cpu_share.py)
     worker_ports: tuple[int, ...] = ()
     visual_ports: tuple[int, ...] = ()
     dist_port: int = 0
@@ -137,7 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_req_total_len", type=int, default=None,
                    help="prompt + output tokens of one request (default: the model's max_position_embeddings)")
     g.add_argument("--batch_max_tokens", type=int, default=None,
-                   help="tokens computed in one step, prompt chunks included (default: max(8192, max_req_total_len))")
+                   help="tokens computed in one step, prompt chunks included; longer prompts are prefilled in "
+                        "chunks (default: 8192 on GPUs; 512 on the CPU, where a step of 8192 tokens takes seconds "
+                        "and would stall every decoding request that long)")
     g.add_argument("--running_max_req_size", type=int, default=1000, help="requests in the running batch")
     g = p.add_argument_group("multimodal")
     g.add_argument("--enable_multimodal", action="store_true", help="accept images (else text only; images get 400)")
@@ -158,9 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest image in pixels, checked from the header before decoding")
     g = p.add_argument_group("cpu")
     g.add_argument("--llm_threads", type=int, default=None,
-                   help="torch threads per model worker (default: the cores shared evenly by all compute processes)")
+                   help="torch threads per model worker, always (default: the cores are shared at each step "
+                        "among the compute processes busy at that moment, so that together they never "
+                        "oversubscribe the cores and none idles while another works)")
     g.add_argument("--visual_threads", type=int, default=None,
-                   help="torch threads per vision-encoder worker (default: as --llm_threads)")
+                   help="torch threads per vision-encoder worker, always (default: shared as above)")
     p.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -174,10 +183,6 @@ def check_positive(args, *names: str) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             fail(f"--{name} must be >= 1, got {value}")
-
-
-def default_threads(num_processes: int) -> int:
-    return max(1, (os.cpu_count() or 1) // max(1, num_processes))
 
 
 def parse_config(argv: list[str] | None, model_dir: str, max_position_embeddings: int, device: str,
@@ -200,15 +205,13 @@ def parse_config(argv: list[str] | None, model_dir: str, max_position_embeddings
     if args.max_total_token_num is not None and args.max_total_token_num < max_len:
         fail(f"--max_total_token_num {args.max_total_token_num} is smaller than --max_req_total_len {max_len}: "
              f"one full-length request would never fit; raise --max_total_token_num or lower --max_req_total_len")
-    num_compute = args.tp + (args.visual_dp * args.visual_tp if args.enable_multimodal else 0)
-    threads = default_threads(num_compute)
     return ServerConfig(
         model=ModelConfig(model_dir=model_dir, model_name=args.model_name or os.path.basename(model_dir.rstrip("/")),
                           tp=args.tp, data_type=args.data_type, device=device,
                           trust_remote_code=args.trust_remote_code, load_workers=load_workers()),
         router=RouterConfig(max_total_token_num=args.max_total_token_num, mem_fraction=args.mem_fraction,
                             max_req_total_len=max_len,
-                            batch_max_tokens=args.batch_max_tokens or max(8192, max_len),
+                            batch_max_tokens=args.batch_max_tokens or (8192 if device == "cuda" else 512),
                             running_max_req_size=args.running_max_req_size),
         visual=VisualConfig(enabled=args.enable_multimodal, infer_batch_size=args.visual_infer_batch_size,
                             cache_capacity=args.cache_capacity, cache_max_bytes=args.cache_max_mb * MiB,
@@ -216,6 +219,6 @@ def parse_config(argv: list[str] | None, model_dir: str, max_position_embeddings
         http=HttpConfig(host=args.host, port=args.port, max_body_size=args.max_body_size, api_key=args.api_key,
                         allow_origins=tuple(args.allow_origins), image_fetch_timeout=args.image_fetch_timeout,
                         max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels),
-        cpu=CpuConfig(llm_threads=args.llm_threads or threads, visual_threads=args.visual_threads or threads),
+        cpu=CpuConfig(llm_threads=args.llm_threads, visual_threads=args.visual_threads, cores=os.cpu_count() or 1),
         log_level=args.log_level,
     )

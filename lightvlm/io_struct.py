@@ -181,3 +181,4 @@ class RoomStats:
 
     room: str
     values: tuple[tuple[str, float], ...]
+    histograms: tuple[tuple, ...] = ()  # (name, bounds, cumulative counts incl. +Inf, sum), see common.stats

@@ -17,18 +17,22 @@ from collections.abc import Callable
 
 from lightvlm.common.logging import get_logger, setup_logging
 
+PR_SET_NAME = 15
 PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent() -> None:
-    """Ask Linux to SIGTERM this process if the launcher dies, so no room outlives the server."""
+def die_with_parent(name: str) -> None:
+    """Ask Linux to SIGTERM this process if the launcher dies, so no room outlives the server; and
+    name the process after its room, so `ps` and `top` say which room is which."""
     with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        libc.prctl(PR_SET_NAME, f"lvlm-{name}"[:15].encode())
 
 
 def run_room(name: str, pipe, log_level: str, start: Callable[[], Callable[[], None]]) -> None:
     setup_logging(log_level, name)
-    die_with_parent()
+    die_with_parent(name)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher owns Ctrl-C and stops us with SIGTERM
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # unwind: finally blocks release resources
     logger = get_logger(f"lightvlm.{name}")

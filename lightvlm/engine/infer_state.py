@@ -8,6 +8,9 @@ over its whole context gathered from the cache.
 Two shapes of request share a step: decode rows (one query each) are attended together, padded to
 the longest context with a mask; prefill chunks (several queries) are attended one request at a time,
 causally, offset by the context already cached.
+
+The buffer is head-major, `[kv_heads, slots, head_dim]` per layer, so that gathering a batch's
+context gives `[kv_heads, B, L, D]`, contiguous, which the decode matmuls take without a copy.
 """
 
 from dataclasses import dataclass, field
@@ -18,7 +21,7 @@ import torch.nn.functional as F
 
 @dataclass
 class KVCache:
-    """[layers] x [slots, kv_heads, head_dim] for K and for V. Owned by the model runner."""
+    """[layers] x [kv_heads, slots, head_dim] for K and for V. Owned by the model runner."""
 
     k: list[torch.Tensor]
     v: list[torch.Tensor]
@@ -26,7 +29,7 @@ class KVCache:
     @classmethod
     def allocate(cls, num_layers: int, num_slots: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device) -> "KVCache":
-        shape = (num_slots, num_kv_heads, head_dim)
+        shape = (num_kv_heads, num_slots, head_dim)
         return cls(k=[torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)],
                    v=[torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)])
 
@@ -51,8 +54,8 @@ class InferState:
     kv: KVCache
     logit_rows: torch.Tensor  # [S] rows whose next-token logits are sampled
     decode_rows: torch.Tensor | None = None  # [B] rows of single-query requests
-    decode_slots: torch.Tensor | None = None  # [B, Lmax] their context slots, padded
-    decode_mask: torch.Tensor | None = None  # [B, 1, 1, Lmax] True where a slot is real
+    decode_slots: torch.Tensor | None = None  # [B * Lmax] their context slots, padded, flattened
+    decode_bias: torch.Tensor | None = None  # [B, Lmax] 0 where a slot is real, -inf on padding
     prefills: list[PrefillChunk] = field(default_factory=list)
     image_rows: torch.Tensor | None = None  # [R] rows replaced by image embeddings
     image_embeds: torch.Tensor | None = None  # [R, H]
@@ -60,38 +63,47 @@ class InferState:
     def attention(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [T, heads, D]; k, v: [T, kv_heads, D] -> [T, heads * D]."""
         k_cache, v_cache = self.kv.k[layer_id], self.kv.v[layer_id]
-        k_cache[self.out_slots] = k
-        v_cache[self.out_slots] = v
+        k_cache.index_copy_(1, self.out_slots, k.transpose(0, 1))
+        v_cache.index_copy_(1, self.out_slots, v.transpose(0, 1))
         out = torch.empty_like(q)
         if self.decode_rows is not None:
             out[self.decode_rows] = decode_attention(q[self.decode_rows], k_cache, v_cache,
-                                                     self.decode_slots, self.decode_mask)
+                                                     self.decode_slots, self.decode_bias)
         for chunk in self.prefills:
             rows = slice(chunk.row, chunk.row + chunk.num_tokens)
             if chunk.start == 0:  # nothing cached before: attend over this step's own K/V
-                out[rows] = prefill_attention(q[rows], k[rows], v[rows], 0)
+                out[rows] = prefill_attention(q[rows], k[rows].transpose(0, 1), v[rows].transpose(0, 1), 0)
             else:
                 slots = chunk.context_slots
-                out[rows] = prefill_attention(q[rows], k_cache[slots], v_cache[slots], chunk.start)
+                out[rows] = prefill_attention(q[rows], k_cache.index_select(1, slots),
+                                              v_cache.index_select(1, slots), chunk.start)
         return out.reshape(out.shape[0], -1)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-                     mask: torch.Tensor) -> torch.Tensor:
-    """One query per request. q: [B, heads, D], slots: [B, L] -> [B, heads, D]."""
-    k = k_cache[slots].transpose(1, 2)  # [B, kv_heads, L, D]
-    v = v_cache[slots].transpose(1, 2)
-    out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, enable_gqa=True)
-    return out.squeeze(2)
+                     bias: torch.Tensor) -> torch.Tensor:
+    """One query per request, with the batch's contexts gathered once per layer.
+
+    q: [B, heads, D]; caches: [kv_heads, slots, D]; slots: [B * L]; bias: [B, L] -> [B, heads, D].
+    """
+    batch, heads, dim = q.shape
+    kv_heads = k_cache.shape[0]
+    k = k_cache.index_select(1, slots).view(kv_heads, batch, -1, dim)  # [kv_heads, B, L, D]
+    v = v_cache.index_select(1, slots).view(kv_heads, batch, -1, dim)
+    q = q.view(batch, kv_heads, heads // kv_heads, dim).transpose(0, 1)  # [kv_heads, B, group, D]
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * dim**-0.5  # [kv_heads, B, group, L]
+    probs = (scores + bias[None, :, None, :]).softmax(dim=-1).to(v.dtype)
+    out = torch.matmul(probs, v)  # [kv_heads, B, group, D]
+    return out.transpose(0, 1).reshape(batch, heads, dim)
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
     """Causal attention of n queries at positions start..start+n-1 over L = start + n keys.
 
-    q: [n, heads, D]; k, v: [L, kv_heads, D] -> [n, heads, D].
+    q: [n, heads, D]; k, v: [kv_heads, L, D] -> [n, heads, D].
     """
-    n, length = q.shape[0], k.shape[0]
-    q, k, v = q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
+    n, length = q.shape[0], k.shape[1]
+    q, k, v = q.transpose(0, 1).unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
     if start == 0:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     else:

@@ -16,8 +16,10 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import replace
 
 from lightvlm.common import shm
+from lightvlm.common.cpu_share import CpuShare
 from lightvlm.common.logging import get_logger
 from lightvlm.common.ports import free_ports
 from lightvlm.config import RuntimeConfig, ServerConfig
@@ -53,6 +55,7 @@ def with_runtime(config: ServerConfig) -> ServerConfig:
         dist_port=ports[config.model.tp + visual],
         visual_dist_ports=tuple(ports[config.model.tp + visual + 1:]),
     )
+    runtime = replace(runtime, cpu_share=runtime.shm_prefix + "cpu")
     return config.with_runtime(runtime)
 
 
@@ -63,6 +66,8 @@ class Launcher:
         self.ctx = mp.get_context("spawn")
         self.children: list[tuple[str, mp.Process]] = []
         self.stopping = False
+        visual = config.visual.dp * config.visual.tp if config.visual.enabled else 0
+        self.cpu_table = CpuShare.create(config.runtime.cpu_share, config.model.tp + visual)
 
     def start_room(self, name: str, target, *args) -> tuple:
         reader, writer = self.ctx.Pipe(duplex=False)
@@ -125,6 +130,8 @@ class Launcher:
                 logger.warning("%s did not stop in %.0f s; killing it", name, STOP_GRACE_SECONDS)
                 process.kill()
                 process.join(1.0)
+        self.cpu_table.close()
+        shm.unlink(self.config.runtime.cpu_share)
         removed = shm.sweep(self.config.runtime.shm_prefix)
         if removed:
             logger.info("removed %d leftover shared-memory segment(s)", len(removed))

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from lightvlm.common import shm
+from lightvlm.common.cpu_share import describe, threads_for, working
 from lightvlm.common.distributed import init_tp_group
 from lightvlm.common.logging import get_logger
 from lightvlm.common.process import run_room
@@ -38,8 +39,10 @@ def to_storage(embeds: torch.Tensor) -> np.ndarray:
 
 
 class EncoderService(NoDelayService):
-    def __init__(self, encoder: VisualEncoder, processor, store_dtype: torch.dtype, is_writer: bool):
+    def __init__(self, encoder: VisualEncoder, processor, store_dtype: torch.dtype, is_writer: bool,
+                 cpu_share=None):
         super().__init__()
+        self.cpu_share = cpu_share
         self.encoder, self.processor = encoder, processor
         self.store_dtype = store_dtype
         self.is_writer = is_writer
@@ -47,7 +50,10 @@ class EncoderService(NoDelayService):
         self.faulty_keys: set[str] = set()
 
     def exposed_encode(self, payload: bytes) -> bytes:
-        jobs: list[EncodeJob] = pickle.loads(payload)
+        with working(self.cpu_share):
+            return self._encode(pickle.loads(payload))
+
+    def _encode(self, jobs: list[EncodeJob]) -> bytes:
         results: dict[str, EncodeResult] = {}
         pixels: dict[str, np.ndarray] = {}
         for job in jobs:
@@ -94,10 +100,11 @@ class EncoderService(NoDelayService):
 
 def start_encoder_process(config: ServerConfig, replica: int, rank: int, pipe) -> None:
     def start():
-        torch.set_num_threads(config.cpu.visual_threads)
         index = replica * config.visual.tp + rank
         device = torch.device(f"cuda:{index % max(1, torch.cuda.device_count())}"
                               if config.model.device == "cuda" else "cpu")
+        share = threads_for(config.cpu.visual_threads, config.runtime.cpu_share, config.model.tp + index,
+                            config.cpu.cores, device.type)
         tp = init_tp_group(rank, config.visual.tp, f"tcp://127.0.0.1:{config.runtime.visual_dist_ports[replica]}",
                            device)
         ckpt = LoadedCheckpoint.open(config.model.model_dir)
@@ -105,9 +112,8 @@ def start_encoder_process(config: ServerConfig, replica: int, rank: int, pipe) -
         encoder = VisualEncoder(ckpt, dtype, str(device), tp=tp, load_workers=config.model.load_workers,
                                 show_progress=index == 0)
         processor = ckpt.make_processor()
-        service = EncoderService(encoder, processor, dtype, is_writer=tp.is_first)
-        logger.info("encoder replica %d rank %d ready on %s, %d threads", replica, rank, device,
-                    torch.get_num_threads())
+        service = EncoderService(encoder, processor, dtype, is_writer=tp.is_first, cpu_share=share)
+        logger.info("encoder replica %d rank %d ready on %s, %s", replica, rank, device, describe(share))
         return lambda: serve(service, config.runtime.visual_ports[index])
 
     run_room(f"encoder{replica}.{rank}", pipe, config.log_level, start)

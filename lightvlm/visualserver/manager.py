@@ -20,6 +20,7 @@ from lightvlm.common.logging import get_logger
 from lightvlm.common.messaging import Inbox, Outbox, StatsTimer
 from lightvlm.common.process import run_room
 from lightvlm.common.rpc import WorkerGroup
+from lightvlm.common.stats import LATENCY_BUCKETS, SIZE_BUCKETS, Histogram
 from lightvlm.config import ServerConfig
 from lightvlm.io_struct import AbortReq, EncodeJob, EncodeResult, GenerateReq, ReleaseImages, ReqError, RoomStats
 from lightvlm.visualserver.embed_cache import EmbedCache
@@ -57,8 +58,9 @@ class VisualManager:
         self.batches: queue.Queue = queue.Queue()
         self.num_replicas = config.visual.dp
         self.busy = 0
-        self.stats = {"encoder_batches_total": 0, "images_encoded_total": 0, "encoder_seconds_total": 0.0,
-                      "encoder_last_batch_size": 0, "images_rejected_total": 0}
+        self.stats = {"images_encoded_total": 0, "images_rejected_total": 0}
+        self.batch_sizes = Histogram("encoder_batch_size", SIZE_BUCKETS)
+        self.batch_seconds = Histogram("encoder_batch_seconds", LATENCY_BUCKETS)
         self.stats_timer = StatsTimer()
         tp = config.visual.tp
         for replica in range(self.num_replicas):
@@ -212,9 +214,8 @@ class VisualManager:
 
     def finish_batch(self, batch: list[EncodeJob], results: list[EncodeResult], seconds: float) -> None:
         self.busy -= 1
-        self.stats["encoder_batches_total"] += 1
-        self.stats["encoder_last_batch_size"] = len(batch)
-        self.stats["encoder_seconds_total"] += seconds
+        self.batch_sizes.observe(len(batch))
+        self.batch_seconds.observe(seconds)
         for job, result in zip(batch, results):
             shm.unlink(job.src_shm)
             self.job_sources.pop(job.key, None)
@@ -255,7 +256,8 @@ class VisualManager:
                   ("visual_pending_requests", len(self.pending)),
                   ("visual_parked_requests", len(self.parked)), *sorted(self.stats.items()))
         if self.stats_timer.due(values):
-            self.to_http.send(RoomStats("visualserver", values))
+            histograms = (self.batch_sizes.snapshot(), self.batch_seconds.snapshot())
+            self.to_http.send(RoomStats("visualserver", values, histograms))
 
 
 def start_visual_process(config: ServerConfig, row_bytes: int, pipe) -> None:

@@ -5,6 +5,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
@@ -158,7 +159,16 @@ def test_a_request_that_crashes_the_encoder_or_the_step_fails_alone_with_500(mai
 
 
 def test_metrics_are_prometheus_text(main_server):
+    good, _, _ = faulty_requests()
+    assert main_server.post("/generate", good).status_code == 200
+    time.sleep(0.3)  # rooms report about ten times a second
     families = {f.name: f for f in text_string_to_metric_families(main_server.get("/metrics").text)}
-    for name in ("lightvlm_requests", "lightvlm_time_to_first_token_seconds", "lightvlm_kv_slots_used",
-                 "lightvlm_embed_cache_hits", "lightvlm_running_requests"):
+    for name in ("lightvlm_requests", "lightvlm_time_to_first_token_seconds", "lightvlm_time_per_output_token_seconds",
+                 "lightvlm_queue_time_seconds", "lightvlm_kv_slots_used", "lightvlm_kv_slots_free",
+                 "lightvlm_running_requests", "lightvlm_waiting_requests", "lightvlm_encoder_batch_size",
+                 "lightvlm_encoder_batch_seconds", "lightvlm_embed_cache_hits", "lightvlm_embed_cache_misses",
+                 "lightvlm_embed_cache_entries", "lightvlm_embed_cache_bytes", "lightvlm_images_rejected"):
         assert name in families, name
+    assert families["lightvlm_encoder_batch_size"].type == "histogram"
+    count = next(s.value for s in families["lightvlm_queue_time_seconds"].samples if s.name.endswith("_count"))
+    assert count >= 1

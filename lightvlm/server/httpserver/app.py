@@ -114,7 +114,7 @@ def build_app(manager: HttpServerManager) -> web.Application:
     app.router.add_get("/readiness", health)
     app.router.add_get("/liveness", liveness)
     app.router.add_get("/metrics", metrics)
-    manager.metrics.watch_rooms(lambda: manager.room_stats)
+    manager.metrics.watch_rooms(lambda: manager.room_reports)
 
     async def on_startup(app):
         await manager.start()

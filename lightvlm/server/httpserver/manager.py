@@ -70,6 +70,7 @@ class HttpServerManager:
         self.added_tokens = dict(self.processor.tokenizer.get_added_vocab())
         self.states: dict[int, RequestState] = {}
         self.room_stats: dict[str, dict[str, float]] = {}
+        self.room_reports: dict[str, RoomStats] = {}
         self.room_seen: dict[str, float] = {}
         self.ids = itertools.count(1)
         self.context = zmq.asyncio.Context()
@@ -224,6 +225,7 @@ class HttpServerManager:
             for item in message if isinstance(message, list) else [message]:
                 if isinstance(item, RoomStats):
                     self.room_stats[item.room] = dict(item.values)
+                    self.room_reports[item.room] = item
                     self.room_seen[item.room] = time.monotonic()
                 elif (state := self.states.get(item.req_id)) is not None:
                     state.queue.put_nowait(item)

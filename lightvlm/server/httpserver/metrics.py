@@ -4,18 +4,21 @@ gauges every other room reports in its RoomStats (exported under the same names,
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+from lightvlm.common.stats import LATENCY_BUCKETS
 
 
 class RoomStatsCollector:
     def __init__(self, source):
-        self.source = source  # () -> {room: {name: value}}
+        self.source = source  # () -> {room: RoomStats}
 
     def collect(self):
-        for room, values in sorted(self.source().items()):
-            for name, value in sorted(values.items()):
+        for room, stats in sorted(self.source().items()):
+            for name, bounds, cumulative, total in stats.histograms:
+                buckets = [(str(float(b)), c) for b, c in zip(bounds, cumulative)] + [("+Inf", cumulative[-1])]
+                yield HistogramMetricFamily(f"lightvlm_{name}", f"{name} ({room})", buckets=buckets, sum_value=total)
+            for name, value in sorted(stats.values):
                 if name.endswith("_total"):
                     family = CounterMetricFamily(f"lightvlm_{name.removesuffix('_total')}", f"{name} ({room})")
                 else:

@@ -5,11 +5,14 @@ sampled tokens; send them to detokenization; free what finished requests held (K
 references in the visualserver).
 """
 
+import time
+
 import zmq
 
 from lightvlm.common.logging import get_logger
 from lightvlm.common.messaging import Inbox, Outbox, StatsTimer
 from lightvlm.common.process import run_room
+from lightvlm.common.stats import LATENCY_BUCKETS, Histogram
 from lightvlm.config import ServerConfig
 from lightvlm.engine.req import Req, ReqStatus
 from lightvlm.engine.scheduler import Batch, Scheduler, SchedulerConfig
@@ -49,6 +52,7 @@ class RouterManager:
         self.stats_timer = StatsTimer()
         self.num_steps = 0
         self.num_failed_steps = 0
+        self.queue_time = Histogram("queue_time_seconds", LATENCY_BUCKETS)  # arrival -> first scheduled
 
     def loop(self) -> None:
         while True:
@@ -101,6 +105,10 @@ class RouterManager:
     # -- one step ------------------------------------------------------------------------------
 
     def run(self, batch: Batch) -> None:
+        now = time.monotonic()
+        for req in batch.new_reqs:
+            if req.num_preemptions == 0:
+                self.queue_time.observe(now - req.arrival_time)
         try:
             out = self.workers.step(batch.to_step_input())
         except (EOFError, ConnectionError):
@@ -145,8 +153,8 @@ class RouterManager:
                   ("kv_slots_used", allocator.num_used), ("kv_slots_free", allocator.num_free),
                   ("kv_slots_total", self.num_slots), ("steps_total", self.num_steps),
                   ("failed_steps_total", self.num_failed_steps))
-        if self.stats_timer.due(values[:5]):
-            self.to_http.send(RoomStats("router", values))
+        if self.stats_timer.due(values):  # at most ten times a second
+            self.to_http.send(RoomStats("router", values, (self.queue_time.snapshot(),)))
 
 
 def start_router_process(config: ServerConfig, pipe) -> None:

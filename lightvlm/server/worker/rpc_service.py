@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from lightvlm.common import shm
+from lightvlm.common.cpu_share import describe, threads_for, working
 from lightvlm.common.distributed import init_tp_group
 from lightvlm.common.logging import get_logger
 from lightvlm.common.process import run_room
@@ -24,6 +25,7 @@ from lightvlm.models.weight_loader import resolve_dtype
 
 logger = get_logger(__name__)
 
+MIN_PARALLEL_TOKENS = 32  # below this many tokens a step runs faster on one thread than on two
 FAULT_ENV = "LIGHTVLM_FAULT_STEP_TOKEN"  # tests: a request whose prompt starts with this token id raises
 
 
@@ -73,10 +75,11 @@ def plan_kv_slots(config: ServerConfig, bytes_per_token: int, device: torch.devi
 
 
 class ModelWorkerService(NoDelayService):
-    def __init__(self, runner: ModelRunner, num_slots: int):
+    def __init__(self, runner: ModelRunner, num_slots: int, cpu_share=None):
         super().__init__()
         self.runner = runner
         self.num_slots = num_slots
+        self.cpu_share = cpu_share
         self.fault_token = int(os.environ[FAULT_ENV]) if os.environ.get(FAULT_ENV) else None
 
     def exposed_info(self) -> bytes:
@@ -84,7 +87,9 @@ class ModelWorkerService(NoDelayService):
 
     def exposed_step(self, payload: bytes) -> bytes:
         step = pickle.loads(payload)
-        return pickle.dumps(self.runner.step(step, self._check_fault))
+        with working(self.cpu_share, parallel=len(step.input_ids) >= MIN_PARALLEL_TOKENS):
+            out = self.runner.step(step, self._check_fault)
+        return pickle.dumps(out)
 
     def _check_fault(self, step) -> None:
         if self.fault_token is None:
@@ -98,8 +103,8 @@ class ModelWorkerService(NoDelayService):
 
 def start_worker_process(config: ServerConfig, rank: int, pipe) -> None:
     def start():
-        torch.set_num_threads(config.cpu.llm_threads)
         device = torch.device(f"cuda:{rank}" if config.model.device == "cuda" else "cpu")
+        share = threads_for(config.cpu.llm_threads, config.runtime.cpu_share, rank, config.cpu.cores, device.type)
         if device.type == "cuda":
             torch.cuda.set_device(device)
         tp = init_tp_group(rank, config.model.tp, f"tcp://127.0.0.1:{config.runtime.dist_port}", device)
@@ -123,9 +128,9 @@ def start_worker_process(config: ServerConfig, rank: int, pipe) -> None:
                                      load_workers=config.model.load_workers)
         store = ShmImageStore(config.runtime.shm_prefix)
         runner = ModelRunner(ckpt, runner_config, store, tp=tp, show_progress=rank == 0)
-        logger.info("rank %d/%d ready: %d KV slots, %s on %s, %d threads", rank, tp.size, num_slots, dtype, device,
-                    torch.get_num_threads())
-        service = ModelWorkerService(runner, num_slots)
+        logger.info("rank %d/%d ready: %d KV slots, %s on %s, %s", rank, tp.size, num_slots, dtype, device,
+                    describe(share))
+        service = ModelWorkerService(runner, num_slots, share)
         return lambda: serve(service, config.runtime.worker_ports[rank])
 
     run_room(f"worker{rank}", pipe, config.log_level, start)

@@ -1,0 +1,147 @@
+"""Turns bench_out/results.json into docs/performance.md and docs/performance.png."""
+
+import json
+import sys
+from pathlib import Path
+
+
+def ms(value) -> str:
+    return "-" if value is None else f"{value * 1000:.0f}"
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "**not met**"
+
+
+def best_hf(results: dict) -> tuple[int, dict]:
+    size = max(results["hf_W1"], key=lambda s: results["hf_W1"][s]["output_tokens_per_s"])
+    return size, results["hf_W1"][size]
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = {int(k): v for k, v in results["sweep"].items()}
+    hf = {int(k): v for k, v in results["hf_sweep"].items()}
+    xs = sorted(sweep)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(xs, [sweep[x]["output_tokens_per_s"] for x in xs], "o-", label="lightvlm (concurrency)")
+    left.plot(sorted(hf), [hf[x]["output_tokens_per_s"] for x in sorted(hf)], "s--",
+              label="transformers (static batch)")
+    left.set(xscale="log", xlabel="concurrent requests / batch size", ylabel="output tokens/s",
+             title="Throughput")
+    right.plot(xs, [sweep[x]["ttft_s"]["p50"] for x in xs], "o-", label="lightvlm p50")
+    right.plot(xs, [sweep[x]["ttft_s"]["p99"] for x in xs], "o:", label="lightvlm p99")
+    right.plot(sorted(hf), [hf[x]["ttft_p50_s"] for x in sorted(hf)], "s--", label="transformers p50")
+    right.set(xscale="log", xlabel="concurrent requests / batch size", ylabel="seconds", title="Time to first token")
+    for axis in (left, right):
+        axis.set_xticks(xs, [str(x) for x in xs])
+        axis.grid(alpha=0.3)
+        axis.legend()
+    fig.suptitle("small demo checkpoint, one 448x448 image per request, 64 output tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def write_report(results: dict, markdown: Path, png: Path, analysis: Path) -> None:
+    plot(results, png)
+    w1, w2, w3, w5 = results["W1"], results["W2"], results["W3"], results["W5"]
+    hf_size, hf_w1 = best_hf(results)
+    ceiling = {int(k): v for k, v in results["ceiling"].items()}[64]
+    hf_w2, hf_w5 = results["hf_W2"], results["hf_W5"]
+    idle, loaded = results["W4_idle"], results["W4_loaded"]
+    ratio_hf = w1["output_tokens_per_s"] / hf_w1["output_tokens_per_s"]
+    ratio_ceiling = w1["output_tokens_per_s"] / ceiling["output_tokens_per_s"]
+    decode_rate = 64 / w1["tpot_s"]["p50"]
+    hit_ratio = w3["ttft_hit_mean_s"] / w3["ttft_miss_mean_s"]
+    probe_ratio = loaded["tpot_s"]["p99"] / idle["tpot_s"]["p99"]
+    lines = [
+        "# Performance",
+        "",
+        "Measured by `make bench` (benchmark/run_all.py) in one run: lightvlm and the baselines on the same",
+        "checkpoint and the same requests. Every number below is from that run; rerun it to check them.",
+        "",
+        f"- Machine: {results['machine']}.",
+        "- Checkpoint: the `small` random-weight demo (about 27M parameters; InternViT with 448-pixel tiles and",
+        "  256 tokens per tile; a 6-layer Qwen2-style LLM). fp32. Generation ignores EOS so every request",
+        "  produces exactly its output length.",
+        f"- Server: `python {results['server_command']}` (defaults otherwise: one torch thread per compute",
+        "  process on this machine).",
+        "- Load: `python -m benchmark.serve` (OpenAI chat API, streaming). Baseline: `python -m",
+        "  benchmark.hf_baseline` (transformers `generate()`), ceiling: `python -m benchmark.engine_ceiling`.",
+        f"- Whole run: {results['minutes']:.1f} minutes.",
+        "",
+        "## Targets",
+        "",
+        "| workload | target | measured | |",
+        "|---|---|---|---|",
+        f"| W1 throughput | >= 1.5x transformers' best static batch | {ratio_hf:.2f}x "
+        f"({w1['output_tokens_per_s']:.0f} vs {hf_w1['output_tokens_per_s']:.0f} tok/s, batch {hf_size}) | "
+        f"{verdict(ratio_hf >= 1.5)} |",
+        f"| W1 throughput | >= 80% of the engine ceiling at batch 64 | {ratio_ceiling:.0%} "
+        f"({w1['output_tokens_per_s']:.0f} vs {ceiling['output_tokens_per_s']:.0f} tok/s) | "
+        f"{verdict(ratio_ceiling >= 0.8)} |",
+        f"| W2 single stream | TTFT and TPOT no worse than transformers | TTFT {ms(w2['ttft_s']['p50'])} vs "
+        f"{ms(hf_w2['ttft_s']['p50'])} ms, TPOT {ms(w2['tpot_s']['p50'])} vs {ms(hf_w2['tpot_s']['p50'])} ms | "
+        f"{verdict(w2['ttft_s']['p50'] <= hf_w2['ttft_s']['p50'] and w2['tpot_s']['p50'] <= hf_w2['tpot_s']['p50'])} |",
+        f"| W3 repeated images | TTFT on a hit <= 0.5x a miss | {hit_ratio:.2f}x ({ms(w3['ttft_hit_mean_s'])} vs "
+        f"{ms(w3['ttft_miss_mean_s'])} ms) | {verdict(hit_ratio <= 0.5)} |",
+        f"| W4 interference | probes' p99 TPOT <= 2x idle | {probe_ratio:.2f}x ({ms(loaded['tpot_s']['p99'])} vs "
+        f"{ms(idle['tpot_s']['p99'])} ms) | {verdict(probe_ratio <= 2)} |",
+        f"| W5 multi-turn | report | {w5['requests_per_s']:.2f} vs {hf_w5['requests_per_s']:.2f} req/s "
+        f"({w5['requests_per_s'] / hf_w5['requests_per_s']:.2f}x); TTFT p50 {ms(w5['ttft_s']['p50'])} vs "
+        f"{ms(hf_w5['ttft_s']['p50'])} ms | |",
+        "",
+        "## lightvlm, per workload",
+        "",
+        "| workload | req/s | output tok/s | TTFT p50 / p90 / p99 (ms) | TPOT p50 / p99 (ms) | ITL p50 / p99 (ms) "
+        "| E2E p50 (ms) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, label in (("W1", "W1 (c=64)"), ("W2", "W2 (c=1)"), ("W3", "W3 (c=4, half repeated)"),
+                        ("W4_idle", "W4 probes, idle"), ("W4_loaded", "W4 probes, under image load"),
+                        ("W5", "W5 multi-turn (c=8)")):
+        s = results[name]
+        lines.append(f"| {label} | {s['requests_per_s']:.2f} | {s['output_tokens_per_s']:.0f} | "
+                     f"{ms(s['ttft_s']['p50'])} / {ms(s['ttft_s']['p90'])} / {ms(s['ttft_s']['p99'])} | "
+                     f"{ms(s['tpot_s']['p50'])} / {ms(s['tpot_s']['p99'])} | {ms(s['itl_s']['p50'])} / "
+                     f"{ms(s['itl_s']['p99'])} | {ms(s['e2e_s']['p50'])} |")
+    lines += [
+        "",
+        f"W1's decode phase runs at about {decode_rate:.0f} tokens/s (64 / TPOT p50); the engine alone decodes "
+        f"{ceiling['decode_tokens_per_s']:.0f} tokens/s at batch 64 with every core.",
+        "",
+        "## transformers on the same requests",
+        "",
+        "| run | req/s | output tok/s | TTFT p50 (ms) | TPOT p50 (ms) |",
+        "|---|---|---|---|---|",
+    ]
+    for size, s in sorted(results["hf_W1"].items(), key=lambda kv: int(kv[0])):
+        lines.append(f"| W1, static batch {size} | {s['requests_per_s']:.2f} | {s['output_tokens_per_s']:.0f} | "
+                     f"{ms(s['ttft_s']['p50'])} | {ms(s['tpot_s']['p50'])} |")
+    lines.append(f"| W2, one at a time | - | {hf_w2['output_tokens_per_s']:.0f} | {ms(hf_w2['ttft_s']['p50'])} | "
+                 f"{ms(hf_w2['tpot_s']['p50'])} |")
+    lines.append(f"| W5, static batch 8 | {hf_w5['requests_per_s']:.2f} | {hf_w5['output_tokens_per_s']:.0f} | "
+                 f"{ms(hf_w5['ttft_s']['p50'])} | {ms(hf_w5['tpot_s']['p50'])} |")
+    lines += ["", "## Engine ceiling (model runner alone, 300-token prompts, 128 output tokens, all cores)", "",
+              "| batch | decode step (ms) | decode tok/s | output tok/s incl. prefill |", "|---|---|---|---|"]
+    for size, row in sorted(results["ceiling"].items(), key=lambda kv: int(kv[0])):
+        lines.append(f"| {size} | {row['decode_step_ms']:.1f} | {row['decode_tokens_per_s']:.0f} | "
+                     f"{row['output_tokens_per_s']:.0f} |")
+    lines += ["", "## Throughput and TTFT against concurrency", "", "![throughput and TTFT](performance.png)", "",
+              "| concurrency | requests | output tok/s | TTFT p50 (ms) | TTFT p99 (ms) |", "|---|---|---|---|---|"]
+    for concurrency, s in sorted(results["sweep"].items(), key=lambda kv: int(kv[0])):
+        lines.append(f"| {concurrency} | {s['requests']} | {s['output_tokens_per_s']:.0f} | "
+                     f"{ms(s['ttft_s']['p50'])} | {ms(s['ttft_s']['p99'])} |")
+    if analysis.exists():
+        lines += ["", analysis.read_text().strip()]
+    markdown.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":  # rebuild the report from a saved run: python -m benchmark.report bench_out/results.json
+    here = Path(__file__).resolve().parents[1]
+    write_report(json.loads(Path(sys.argv[1]).read_text()), here / "docs" / "performance.md",
+                 here / "docs" / "performance.png", Path(__file__).with_name("analysis.md"))

@@ -1,0 +1,170 @@
+"""`make bench`: every workload on lightvlm and on the baselines in one run, then docs/performance.md.
+
+1. Build the `small` demo checkpoint if needed (the same cache folder the server uses).
+2. Start the server on it, run W1-W5 and a concurrency sweep, stop it.
+3. Run transformers (one at a time and static batches 8/16/32/64) and the engine ceiling (the model
+   runner's loop alone) on the same requests.
+4. Rewrite docs/performance.md (tables, ratios, targets met or not, machine, commands) and
+   docs/performance.png (throughput and TTFT against concurrency). Raw numbers: bench_out/results.json.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+import torch
+
+from benchmark import engine_ceiling, hf_baseline
+from benchmark.serve import Result, run, summarize
+from benchmark.workloads import build
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench_out"
+DOCS = ROOT / "docs"
+ANALYSIS = Path(__file__).with_name("analysis.md")
+
+
+class Server:
+    def __init__(self, model_dir: str, port: int, extra: list[str]):
+        self.url = f"http://127.0.0.1:{port}"
+        self.command = [sys.executable, "-m", "lightvlm.server.api_server", "--enable_multimodal", "--model_dir",
+                        model_dir, "--port", str(port), *extra]
+        self.log = open(OUT / "server.log", "w")  # noqa: SIM115 (lives with the server)
+        self.process = subprocess.Popen(self.command, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited: see {OUT / 'server.log'}")
+            try:
+                if requests.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError("the server did not become ready")
+
+    def metrics(self) -> str:
+        return requests.get(self.url + "/metrics", timeout=10).text
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(30)
+        self.log.close()
+
+
+def bench(url: str, reqs, concurrency=None, rate=None) -> tuple[dict, list[Result]]:
+    results, elapsed = asyncio.run(run(url, reqs, concurrency, rate, progress=False))
+    return summarize(results, elapsed), results
+
+
+async def interference(url: str, traffic, probes, probe_rate: float):
+    """Probes at a low rate while the image traffic runs, both at once."""
+    heavy = asyncio.create_task(run(url, traffic, 64, None, progress=False))
+    await asyncio.sleep(1.0)  # let the image traffic fill the server first
+    probe_results, probe_elapsed = await run(url, probes, None, probe_rate, progress=False, seed=1)
+    await heavy
+    return summarize(probe_results, probe_elapsed)
+
+
+def server_workloads(url: str, log) -> dict:
+    r = {}
+    log("W1 throughput: 64 requests at concurrency 64, one 448x448 image, ~32 text tokens, 128 output")
+    r["W1"], _ = bench(url, build(64, seed=1), concurrency=64)
+    log("W2 single stream: 8 requests at concurrency 1")
+    r["W2"], _ = bench(url, build(8, seed=2), concurrency=1)
+    log("W3 repeated images: 48 requests, half reuse one of 8 images, concurrency 4")
+    summary, results = bench(url, build(48, repeat_share=0.5, pool_size=8, output_tokens=32, seed=3), concurrency=4)
+    hits = [x.ttft for x in results if x.ok and x.repeated]
+    misses = [x.ttft for x in results if x.ok and not x.repeated]
+    summary["ttft_hit_mean_s"] = sum(hits) / len(hits)
+    summary["ttft_miss_mean_s"] = sum(misses) / len(misses)
+    r["W3"] = summary
+    log("W4 interference: text probes alone, then during W1-style image traffic")
+    probes = build(16, images_per_request=0, output_tokens=64, seed=4, tag="probe")
+    r["W4_idle"], _ = bench(url, probes, rate=2.0)
+    r["W4_loaded"] = asyncio.run(interference(url, build(48, seed=5), probes, 2.0))
+    log("W5 multi-turn: 32 conversations with two earlier turns that reuse images, concurrency 8")
+    r["W5"], _ = bench(url, build(32, multi_turn=True, repeat_share=0.5, pool_size=8, output_tokens=64, seed=6),
+                       concurrency=8)
+    r["sweep"] = {}
+    for concurrency in (1, 4, 16, 64):
+        log(f"sweep: concurrency {concurrency}")
+        count = max(4, min(64, concurrency * 2))
+        r["sweep"][concurrency], _ = bench(url, build(count, output_tokens=64, seed=100 + concurrency),
+                                           concurrency=concurrency)
+    return r
+
+
+def baselines(model_dir: str, log) -> dict:
+    r = {}
+    processor, model = hf_baseline.load(model_dir)
+    log("transformers: W1 in static batches of 8, 16, 32, 64")
+    w1 = build(64, seed=1)
+    r["hf_W1"] = {size: hf_baseline.run_batches(processor, model, w1, size) for size in (8, 16, 32, 64)}
+    log("transformers: W2 one request at a time")
+    r["hf_W2"] = hf_baseline.run_single(processor, model, build(8, seed=2))
+    log("transformers: W5 in static batches of 8")
+    r["hf_W5"] = hf_baseline.run_batches(
+        processor, model, build(32, multi_turn=True, repeat_share=0.5, pool_size=8, output_tokens=64, seed=6), 8)
+    r["hf_sweep"] = {size: {"output_tokens_per_s": r["hf_W1"][size]["output_tokens_per_s"],
+                            "ttft_p50_s": r["hf_W1"][size]["ttft_s"]["p50"]} for size in (8, 16, 32, 64)}
+    del model
+    log("engine ceiling: the model runner's loop alone, batches 8, 16, 32, 64")
+    r["ceiling"] = {row["batch_size"]: row for row in engine_ceiling.run(model_dir, [8, 16, 32, 64], 300, 128)}
+    return r
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    memory = next((int(line.split()[1]) // 2**20 for line in Path("/proc/meminfo").read_text().splitlines()
+                   if line.startswith("MemTotal")), 0)
+    return (f"{cpu}, {os.cpu_count()} cores, {memory} GiB RAM, no GPU; Python {platform.python_version()}, "
+            f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--port", type=int, default=18321)
+    parser.add_argument("--server_args", nargs=argparse.REMAINDER, default=[],
+                        help="extra flags for the server (after everything else)")
+    args = parser.parse_args(argv)
+    OUT.mkdir(exist_ok=True)
+    started = time.monotonic()
+
+    def log(message: str) -> None:
+        print(f"[{time.monotonic() - started:6.0f}s] {message}", flush=True)
+
+    from lightvlm.server.api_server import demo_checkpoint
+
+    model_dir = demo_checkpoint()
+    server = Server(model_dir, args.port, args.server_args)
+    try:
+        server.wait_ready()
+        results = server_workloads(server.url, log)
+        (OUT / "metrics.txt").write_text(server.metrics())
+    finally:
+        server.stop()
+    results.update(baselines(model_dir, log))
+    results["machine"] = machine()
+    results["server_command"] = " ".join(server.command[1:]).replace(model_dir, "<demo-internvl-small>")
+    results["minutes"] = (time.monotonic() - started) / 60
+    (OUT / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    from benchmark.report import write_report
+
+    write_report(results, DOCS / "performance.md", DOCS / "performance.png", ANALYSIS)
+    log(f"done in {results['minutes']:.1f} min: docs/performance.md")
+
+
+if __name__ == "__main__":
+    main()
