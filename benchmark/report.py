@@ -35,13 +35,14 @@ def plot(results: dict, path: Path) -> None:
              title="Throughput")
     right.plot(xs, [sweep[x]["ttft_s"]["p50"] for x in xs], "o-", label="lightvlm p50")
     right.plot(xs, [sweep[x]["ttft_s"]["p99"] for x in xs], "o:", label="lightvlm p99")
-    right.plot(sorted(hf), [hf[x]["ttft_p50_s"] for x in sorted(hf)], "s--", label="transformers p50")
+    right.plot(sorted(hf), [hf[x]["ttft_p50_s"] for x in sorted(hf)], "s--",
+               label="transformers p50 (64 requests in static batches)")
     right.set(xscale="log", xlabel="concurrent requests / batch size", ylabel="seconds", title="Time to first token")
     for axis in (left, right):
         axis.set_xticks(xs, [str(x) for x in xs])
         axis.grid(alpha=0.3)
         axis.legend()
-    fig.suptitle("small demo checkpoint, one 448x448 image per request, 64 output tokens")
+    fig.suptitle("small demo checkpoint, W1's requests: one 448x448 image, ~32 text tokens, 128 output tokens")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 

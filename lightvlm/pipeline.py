@@ -14,24 +14,26 @@ The loop is the server's loop without the processes: schedule, run the model, sa
 `add_request` and `step` are public so that requests can join while others are decoding.
 """
 
+import atexit
 import base64
 import hashlib
 import io
 import sys
 import types
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from lightvlm.common import shm
 from lightvlm.config import load_workers
 from lightvlm.engine.detokenizer import Detokenizer
 from lightvlm.engine.model_runner import ModelRunner, RunnerConfig
 from lightvlm.engine.req import Req
 from lightvlm.engine.scheduler import Scheduler, SchedulerConfig
-from lightvlm.engine.visual_encoder import VisualEncoder
+from lightvlm.engine.visual_encoder import VisualEncoder, to_storage
 from lightvlm.io_struct import ImageRef, TokenLogprob
 from lightvlm.models.processor import split_messages
 from lightvlm.models.registry import LoadedCheckpoint
@@ -140,13 +142,69 @@ class ImageStore(dict):
             del self.holders[key], self[key]
 
 
+class SharedImageStore(ImageStore):
+    """For tp > 1: embedding rows also written to shared memory, where the model workers read them
+    (the same segments the server's visualserver writes)."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def __setitem__(self, key: str, embeds: torch.Tensor) -> None:
+        super().__setitem__(key, embeds)
+        array = to_storage(embeds)
+        segment = shm.create(self.prefix + "e" + key, shm.array_nbytes(array.shape, array.dtype))
+        shm.write_array_header(segment.buf, array.shape, array.dtype)[...] = array
+        segment.close()
+
+    def __delitem__(self, key: str) -> None:
+        super().__delitem__(key)
+        shm.unlink(self.prefix + "e" + key)  # workers that still map it keep their view until they let go
+
+
+class RemoteRunner:
+    """The model runner split over `tp` worker processes: the server's own model workers, driven the
+    way its router drives them. Same interface as ModelRunner for the pipeline's loop."""
+
+    def __init__(self, model_dir: str | Path, tp: int, config: RunnerConfig, data_type: str | None):
+        from lightvlm.config import ModelConfig, RouterConfig, ServerConfig
+        from lightvlm.server.launcher import Launcher, with_runtime
+        from lightvlm.server.router.worker_group import ModelWorkers
+        from lightvlm.server.worker.rpc_service import start_worker_process
+
+        server_config = with_runtime(ServerConfig(
+            model=ModelConfig(str(model_dir), Path(model_dir).name, tp=tp, data_type=data_type, device=config.device,
+                              load_workers=config.load_workers),
+            router=RouterConfig(max_total_token_num=config.num_slots, max_req_total_len=config.max_len,
+                                running_max_req_size=config.max_reqs)))
+        self.prefix = server_config.runtime.shm_prefix
+        self.launcher = Launcher(server_config, row_bytes=0)
+        self.launcher.wait_ready([self.launcher.start_room(f"worker{r}", start_worker_process, server_config, r)
+                                  for r in range(tp)])
+        self.workers = ModelWorkers(list(server_config.runtime.worker_ports))
+        self.released: list[int] = []
+
+    def step(self, step):
+        if self.released:
+            step = replace(step, released=(*self.released, *step.released))
+            self.released = []
+        return self.workers.step(step)
+
+    def release(self, req_ids) -> None:
+        self.released.extend(req_ids)  # told with the next step
+
+    def close(self) -> None:
+        self.workers.close()
+        self.launcher.stop()
+
+
 class Pipeline:
     def __init__(self, model_dir: str | Path, tp: int = 1, max_batch_size: int = 64, session_len: int | None = None,
                  max_total_token_num: int | None = None, batch_max_tokens: int | None = None,
                  data_type: str | None = None, device: str | None = None, visual_batch_tiles: int = 16,
                  show_progress: bool = False):
-        if tp != 1:
-            raise ValueError("the offline pipeline runs tp=1; start the server (--tp N) for tensor parallelism")
+        """tp > 1 runs the language model in `tp` worker processes (torch.distributed: gloo on the CPU,
+        NCCL on CUDA); the vision tower and everything else stay in this process."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         ckpt = LoadedCheckpoint.open(model_dir)
         dtype = resolve_dtype(data_type, device, model_dir)
@@ -154,13 +212,18 @@ class Pipeline:
         self.session_len = session_len or ckpt.config.text.max_position_embeddings
         num_slots = max_total_token_num or max_batch_size * self.session_len
         self.eos_token_ids = frozenset(ckpt.eos_token_ids)
-        self.images = ImageStore()
         workers = load_workers()
         self.visual = VisualEncoder(ckpt, dtype, device, max_batch_tiles=visual_batch_tiles, load_workers=workers,
                                     show_progress=show_progress)
         runner_config = RunnerConfig(num_slots=num_slots, max_reqs=max_batch_size, max_len=self.session_len,
                                      dtype=dtype, device=device, load_workers=workers)
-        self.runner = ModelRunner(ckpt, runner_config, self.images, show_progress=show_progress)
+        if tp == 1:
+            self.images = ImageStore()
+            self.runner = ModelRunner(ckpt, runner_config, self.images, show_progress=show_progress)
+        else:
+            self.runner = RemoteRunner(model_dir, tp, runner_config, data_type)
+            self.images = SharedImageStore(self.runner.prefix)
+            atexit.register(self.close)
         self.scheduler = Scheduler(SchedulerConfig(max_total_token_num=num_slots,
                                                    batch_max_tokens=batch_max_tokens or max(self.session_len, 2048),
                                                    running_max_req_size=max_batch_size))
@@ -252,6 +315,21 @@ class Pipeline:
                         finish_reason=req.status.finish_reason, input_token_len=req.num_prompt_tokens,
                         generate_token_len=len(req.output_ids), index=req.req_id,
                         logprobs=logprobs if req.sampling.logprobs else None)
+
+
+    def close(self) -> None:
+        """Stop the worker processes of a tp > 1 pipeline (also done when the interpreter exits)."""
+        if isinstance(self.runner, RemoteRunner) and self.runner.workers is not None:
+            for key in list(self.images):
+                del self.images[key]
+            self.runner.close()
+            self.runner.workers = None
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def pipeline(model_dir: str | Path, **kwargs) -> Pipeline:

@@ -4,6 +4,7 @@ import base64
 import http.server
 import threading
 from functools import partial
+from pathlib import Path
 
 import pytest
 
@@ -98,3 +99,16 @@ def test_skip_special_tokens(pipe):
 def test_prompt_longer_than_session_is_refused(pipe):
     with pytest.raises(ValueError, match="session_len is 1024"):
         pipe("word " * 1200)
+
+
+def test_tensor_parallel_pipeline_gives_the_same_tokens(tiny_qwen2, pipe):
+    prompts = [("Describe this image.", load_image("coffee.jpg")), "Text only, please.",
+               ("Two images.", [load_image("chelsea.png"), load_image("coffee_strip_600x40.jpg")])]
+    expected = [r.token_ids for r in pipe(prompts, GREEDY)]
+    with pipeline(tiny_qwen2, tp=2, max_batch_size=8, session_len=1024, max_total_token_num=8 * 1024) as split:
+        assert [r.token_ids for r in split(prompts, GREEDY)] == expected
+        prefix = split.runner.prefix
+        assert list(Path("/dev/shm").glob(prefix + "e*")), "image embeddings travel through shared memory"
+        workers = [p for _, p in split.runner.launcher.children]
+    assert not list(Path("/dev/shm").glob(prefix + "*"))
+    assert all(not p.is_alive() for p in workers)

@@ -39,3 +39,10 @@ class VisualEncoder:
         embeds = torch.cat(outputs)  # [N, t, H]
         counts = [len(p) for p in images]
         return [chunk.reshape(-1, chunk.shape[-1]).cpu() for chunk in embeds.split(counts)]
+
+
+def to_storage(embeds: torch.Tensor) -> np.ndarray:
+    """Embedding rows as a numpy array for shared memory (bfloat16 travels as its uint16 bits)."""
+    if embeds.dtype == torch.bfloat16:
+        return embeds.view(torch.uint16).numpy()
+    return embeds.numpy()

@@ -21,7 +21,7 @@ from lightvlm.common.logging import get_logger
 from lightvlm.common.process import run_room
 from lightvlm.common.rpc import NoDelayService, serve
 from lightvlm.config import ServerConfig
-from lightvlm.engine.visual_encoder import VisualEncoder
+from lightvlm.engine.visual_encoder import VisualEncoder, to_storage
 from lightvlm.io_struct import EncodeJob, EncodeResult
 from lightvlm.models.registry import LoadedCheckpoint
 from lightvlm.models.weight_loader import resolve_dtype
@@ -29,13 +29,6 @@ from lightvlm.models.weight_loader import resolve_dtype
 logger = get_logger(__name__)
 
 FAULT_ENV = "LIGHTVLM_FAULT_IMAGE_MD5"  # tests: the encoder raises on the image whose bytes have this MD5
-
-
-def to_storage(embeds: torch.Tensor) -> np.ndarray:
-    """Embedding rows as a numpy array for shared memory (bfloat16 travels as its uint16 bits)."""
-    if embeds.dtype == torch.bfloat16:
-        return embeds.view(torch.uint16).numpy()
-    return embeds.numpy()
 
 
 class EncoderService(NoDelayService):
