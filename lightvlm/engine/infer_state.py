@@ -5,9 +5,9 @@ A step's tokens (every scheduled request's new tokens, flattened to T rows) arri
 which writes this step's K/V into the cache at the step's slots and attends each request's queries
 over its whole context gathered from the cache.
 
-Two shapes of request share a step: decode rows (one query each) are attended together, padded to
-the longest context with a mask; prefill chunks (several queries) are attended one request at a time,
-causally, offset by the context already cached.
+Two shapes of request share a step: decode rows (one query each) are attended together by
+`token_decode_attention` (a Triton kernel on CUDA, its torch twin on the CPU); prefill chunks
+(several queries) are attended one request at a time, causally, offset by the context already cached.
 
 The buffer is head-major, `[kv_heads, slots, head_dim]` per layer, so that gathering a batch's
 context gives `[kv_heads, B, L, D]`, contiguous, which the decode matmuls take without a copy.
@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from lightvlm.common.triton_kernels.token_decode_attention import token_decode_attention, token_decode_attention_torch
 
 
 @dataclass
@@ -54,8 +56,8 @@ class InferState:
     kv: KVCache
     logit_rows: torch.Tensor  # [S] rows whose next-token logits are sampled
     decode_rows: torch.Tensor | None = None  # [B] rows of single-query requests
-    decode_slots: torch.Tensor | None = None  # [B * Lmax] their context slots, padded, flattened
-    decode_bias: torch.Tensor | None = None  # [B, Lmax] 0 where a slot is real, -inf on padding
+    decode_slots: torch.Tensor | None = None  # [B, Lmax] their context slots (padding past each length)
+    decode_lengths: torch.Tensor | None = None  # [B]
     prefills: list[PrefillChunk] = field(default_factory=list)
     image_rows: torch.Tensor | None = None  # [R] rows replaced by image embeddings
     image_embeds: torch.Tensor | None = None  # [R, H]
@@ -67,8 +69,9 @@ class InferState:
         v_cache.index_copy_(1, self.out_slots, v.transpose(0, 1))
         out = torch.empty_like(q)
         if self.decode_rows is not None:
-            out[self.decode_rows] = decode_attention(q[self.decode_rows], k_cache, v_cache,
-                                                     self.decode_slots, self.decode_bias)
+            attend = token_decode_attention if q.is_cuda else token_decode_attention_torch
+            out[self.decode_rows] = attend(q[self.decode_rows], k_cache, v_cache, self.decode_slots,
+                                           self.decode_lengths)
         for chunk in self.prefills:
             rows = slice(chunk.row, chunk.row + chunk.num_tokens)
             if chunk.start == 0:  # nothing cached before: attend over this step's own K/V
@@ -78,23 +81,6 @@ class InferState:
                 out[rows] = prefill_attention(q[rows], k_cache.index_select(1, slots),
                                               v_cache.index_select(1, slots), chunk.start)
         return out.reshape(out.shape[0], -1)
-
-
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-                     bias: torch.Tensor) -> torch.Tensor:
-    """One query per request, with the batch's contexts gathered once per layer.
-
-    q: [B, heads, D]; caches: [kv_heads, slots, D]; slots: [B * L]; bias: [B, L] -> [B, heads, D].
-    """
-    batch, heads, dim = q.shape
-    kv_heads = k_cache.shape[0]
-    k = k_cache.index_select(1, slots).view(kv_heads, batch, -1, dim)  # [kv_heads, B, L, D]
-    v = v_cache.index_select(1, slots).view(kv_heads, batch, -1, dim)
-    q = q.view(batch, kv_heads, heads // kv_heads, dim).transpose(0, 1)  # [kv_heads, B, group, D]
-    scores = torch.matmul(q, k.transpose(-1, -2)).float() * dim**-0.5  # [kv_heads, B, group, L]
-    probs = (scores + bias[None, :, None, :]).softmax(dim=-1).to(v.dtype)
-    out = torch.matmul(probs, v)  # [kv_heads, B, group, D]
-    return out.transpose(0, 1).reshape(batch, heads, dim)
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:

@@ -197,9 +197,8 @@ class ModelRunner:
             longest = max(decode_lengths)
             rows = torch.tensor(decode_table_rows, device=dev)
             state.decode_rows = torch.tensor(decode_rows, dtype=torch.long, device=dev)
-            state.decode_slots = self.req_to_slots[rows, :longest].flatten()  # padding reads slot 0, masked
-            is_real = torch.arange(longest, device=dev)[None, :] < lengths[:, None]
-            state.decode_bias = torch.zeros(is_real.shape, device=dev).masked_fill_(~is_real, float("-inf"))
+            state.decode_slots = self.req_to_slots[rows, :longest]  # past each length: stale slots, masked
+            state.decode_lengths = lengths
         if image_rows:
             state.image_rows = torch.cat(image_rows).to(dev)
             state.image_embeds = torch.cat(image_embeds).to(dev)
