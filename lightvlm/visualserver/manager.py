@@ -58,7 +58,7 @@ class VisualManager:
         self.batches: queue.Queue = queue.Queue()
         self.num_replicas = config.visual.dp
         self.busy = 0
-        self.stats = {"images_encoded_total": 0, "images_rejected_total": 0}
+        self.stats = {"images_encoded_total": 0, "requests_over_cache_total": 0}
         self.batch_sizes = Histogram("encoder_batch_size", SIZE_BUCKETS)
         self.batch_seconds = Histogram("encoder_batch_seconds", LATENCY_BUCKETS)
         self.stats_timer = StatsTimer()
@@ -179,7 +179,7 @@ class VisualManager:
         self.admit_parked()
 
     def reject(self, req: GenerateReq, status: int, message: str) -> None:
-        self.stats["images_rejected_total"] += 1
+        self.stats["requests_over_cache_total"] += 1
         self.unlink_bytes(req)
         self.to_http.send(ReqError(req.req_id, status, message))
 

@@ -162,7 +162,9 @@ def test_metrics_are_prometheus_text(main_server):
     good, _, _ = faulty_requests()
     assert main_server.post("/generate", good).status_code == 200
     time.sleep(0.3)  # rooms report about ten times a second
-    families = {f.name: f for f in text_string_to_metric_families(main_server.get("/metrics").text)}
+    parsed = list(text_string_to_metric_families(main_server.get("/metrics").text))
+    families = {f.name: f for f in parsed}
+    assert len(families) == len(parsed), "two metric families share a name"
     for name in ("lightvlm_requests", "lightvlm_time_to_first_token_seconds", "lightvlm_time_per_output_token_seconds",
                  "lightvlm_queue_time_seconds", "lightvlm_kv_slots_used", "lightvlm_kv_slots_free",
                  "lightvlm_running_requests", "lightvlm_waiting_requests", "lightvlm_encoder_batch_size",
