@@ -13,6 +13,10 @@ def verdict(ok: bool) -> str:
     return "met" if ok else "**not met**"
 
 
+def runs(summary: dict) -> str:
+    return " / ".join(f"{x:.0f}" for x in summary.get("runs_output_tokens_per_s", [summary["output_tokens_per_s"]]))
+
+
 def best_hf(results: dict) -> tuple[int, dict]:
     size = max(results["hf_W1"], key=lambda s: results["hf_W1"][s]["output_tokens_per_s"])
     return size, results["hf_W1"][size]
@@ -73,7 +77,9 @@ def write_report(results: dict, markdown: Path, png: Path, analysis: Path) -> No
         "  process on this machine).",
         "- Load: `python -m benchmark.serve` (OpenAI chat API, streaming). Baseline: `python -m",
         "  benchmark.hf_baseline` (transformers `generate()`), ceiling: `python -m benchmark.engine_ceiling`.",
-        f"- Whole run: {results['minutes']:.1f} minutes.",
+        f"- Whole run: {results['minutes']:.1f} minutes. W1 ran twice on each side and the better run counts "
+        f"(lightvlm {runs(w1)}, transformers batch {hf_size} {runs(hf_w1)} tok/s): this machine is shared and "
+        "the same run varies by several percent.",
         "",
         "## Targets",
         "",

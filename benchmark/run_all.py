@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench_out"
 DOCS = ROOT / "docs"
 ANALYSIS = Path(__file__).with_name("analysis.md")
+REPEATS = 2  # W1 on each side: the best of two runs (a shared machine varies by several percent)
 
 
 class Server:
@@ -78,8 +79,10 @@ async def interference(url: str, traffic, probes, probe_rate: float):
 
 def server_workloads(url: str, log) -> dict:
     r = {}
-    log("W1 throughput: 64 requests at concurrency 64, one 448x448 image, ~32 text tokens, 128 output")
-    r["W1"], _ = bench(url, build(64, seed=1), concurrency=64)
+    log("W1 throughput: 64 requests at concurrency 64, one 448x448 image, ~32 text tokens, 128 output (twice)")
+    runs = [bench(url, build(64, seed=1), concurrency=64)[0] for _ in range(REPEATS)]
+    r["W1"] = max(runs, key=lambda s: s["output_tokens_per_s"])
+    r["W1"]["runs_output_tokens_per_s"] = [s["output_tokens_per_s"] for s in runs]
     log("W2 single stream: 8 requests at concurrency 1")
     r["W2"], _ = bench(url, build(8, seed=2), concurrency=1)
     log("W3 repeated images: 48 requests, half reuse one of 8 images, concurrency 4")
@@ -107,9 +110,13 @@ def server_workloads(url: str, log) -> dict:
 def baselines(model_dir: str, log) -> dict:
     r = {}
     processor, model = hf_baseline.load(model_dir)
-    log("transformers: W1 in static batches of 8, 16, 32, 64")
+    log("transformers: W1 in static batches of 8, 16, 32, 64, and the best one again")
     w1 = build(64, seed=1)
     r["hf_W1"] = {size: hf_baseline.run_batches(processor, model, w1, size) for size in (8, 16, 32, 64)}
+    best = max(r["hf_W1"], key=lambda size: r["hf_W1"][size]["output_tokens_per_s"])
+    runs = [r["hf_W1"][best]] + [hf_baseline.run_batches(processor, model, w1, best) for _ in range(REPEATS - 1)]
+    r["hf_W1"][best] = max(runs, key=lambda s: s["output_tokens_per_s"])
+    r["hf_W1"][best]["runs_output_tokens_per_s"] = [s["output_tokens_per_s"] for s in runs]
     log("transformers: W2 one request at a time")
     r["hf_W2"] = hf_baseline.run_single(processor, model, build(8, seed=2))
     log("transformers: W5 in static batches of 8")
