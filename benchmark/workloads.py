@@ -63,9 +63,9 @@ def build(num_requests: int, images_per_request: int = 1, image_size: tuple[int,
     pool_cache: dict[int, bytes] = {}
     seen: set[int] = set()
 
-    def image_for(index: int) -> bytes:
+    def image_for(index: int) -> bytes:  # pool images are the seed's own: no workload warms another's cache
         if index not in pool_cache:
-            pool_cache[index] = make_image(index, image_size)
+            pool_cache[index] = make_image(10**9 + seed * 1000 + index if index < pool_size else index, image_size)
         return pool_cache[index]
 
     fresh = 10_000 + seed * 100_000
