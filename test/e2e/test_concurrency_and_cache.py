@@ -5,6 +5,7 @@ import io
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import requests
 from PIL import PngImagePlugin
 
@@ -110,3 +111,15 @@ def test_client_disconnecting_mid_stream_frees_kv_and_image_references(main_serv
     freed = wait_for(lambda: (lambda s: s["kv_slots_used"] == 0 and s["running_requests"] == 0
                               and s["embed_cache_held_entries"] == 0)(cache_stats(main_server)), timeout=2.0)
     assert freed, f"still held {time.monotonic() - disconnected:.1f} s after the disconnect: {cache_stats(main_server)}"
+
+
+def test_client_leaving_a_non_streamed_n3_request_frees_all_three(main_server):
+    request = {"inputs": chat("Write a long story.", False),
+               "parameters": {"max_new_tokens": 1500, "min_new_tokens": 1500, "ignore_eos": True, "n": 3,
+                              "do_sample": True}}
+    with pytest.raises(requests.exceptions.Timeout):
+        requests.post(main_server.url + "/generate", json=request, timeout=1.5)
+    freed = wait_for(lambda: (lambda s: s["kv_slots_used"] == 0 and s["running_requests"] == 0)(
+        cache_stats(main_server)), timeout=2.0)
+    assert freed, f"still held after the client left: {cache_stats(main_server)}"
+    assert main_server.get("/health").status_code == 200

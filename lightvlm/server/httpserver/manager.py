@@ -39,6 +39,17 @@ class RequestFailed(RuntimeError):
         self.status = status
 
 
+async def gather_or_cancel(coroutines) -> list:
+    """asyncio.gather, but the first failure (or our own cancellation) cancels the others."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 @dataclass
 class Prepared:
     prompt_ids: list[int]
@@ -181,23 +192,42 @@ class HttpServerManager:
         state = RequestState(next(self.ids), len(prepared.prompt_ids))
         self.states[state.req_id] = state
         items = []
-        for i, (image, span) in enumerate(zip(prepared.images, prepared.spans)):
-            name = f"{self.config.runtime.shm_prefix}b{state.req_id}_{i}"
-            state.shm_names.append(name)
-            await self._run(shm.write_bytes, name, image.data)
-            items.append(ImageItem(image.key, name, len(image.data), image.width, image.height, span.offset,
-                                   span.length))
-        await self.outbox.send_pyobj(GenerateReq(state.req_id, tuple(prepared.prompt_ids), params, tuple(items)))
+        try:
+            for i, (image, span) in enumerate(zip(prepared.images, prepared.spans)):
+                name = f"{self.config.runtime.shm_prefix}b{state.req_id}_{i}"
+                state.shm_names.append(name)
+                await self._run(shm.write_bytes, name, image.data)
+                items.append(ImageItem(image.key, name, len(image.data), image.width, image.height, span.offset,
+                                       span.length))
+            await self.outbox.send_pyobj(GenerateReq(state.req_id, tuple(prepared.prompt_ids), params, tuple(items)))
+        except BaseException:  # cancelled (client gone) before the hand-over: nothing left behind
+            self.states.pop(state.req_id, None)
+            for name in state.shm_names:
+                shm.unlink(name)
+            raise
         state.shm_names = []  # handed over: the visualserver unlinks them
         self.metrics.requests_in_flight.inc()
         return state
+
+    async def submit_many(self, prepared: Prepared, params: list[SamplingParams]) -> list[RequestState]:
+        """Submit one request per params (n choices); if that is interrupted, abort those already sent."""
+        states = []
+        try:
+            for p in params:
+                states.append(await self.submit(prepared, p))
+        except BaseException:
+            for state in states:
+                await self.abort(state)
+            raise
+        return states
 
     async def stream(self, state: RequestState) -> AsyncIterator[TextOut]:
         """TextOut pieces until the request finishes; raises RequestFailed on a room's error."""
         try:
             while True:
                 out = await state.queue.get()
-                if isinstance(out, ReqError):
+                if isinstance(out, ReqError):  # the room that failed it has released everything
+                    state.done = True
                     self.metrics.finish(state, f"error_{out.status}")
                     raise RequestFailed(out.status, out.message)
                 self.metrics.token(state)
@@ -212,10 +242,11 @@ class HttpServerManager:
                 await self.abort(state)
 
     async def abort(self, state: RequestState) -> None:
+        """Tell every room to drop an unfinished request (a no-op once it finished)."""
+        if state.done:
+            return
         state.done = True
         self.states.pop(state.req_id, None)
-        for name in state.shm_names:
-            shm.unlink(name)
         await self.outbox.send_pyobj(AbortReq(state.req_id))
         self.metrics.finish(state, "abort")
 

@@ -4,7 +4,6 @@ The request schema accepts every parameter name LightLLM accepts (see docs/proto
 lightvlm does not act on yet) and rejects any other key, so a typo is a 400, not a silent default.
 """
 
-import asyncio
 import json
 from contextlib import aclosing
 from typing import Any, Literal
@@ -13,7 +12,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lightvlm.sampling_params import SamplingParams
-from lightvlm.server.httpserver.manager import ClientError, HttpServerManager, RequestState
+from lightvlm.server.httpserver.manager import ClientError, HttpServerManager, RequestState, gather_or_cancel
 
 STRICT = ConfigDict(extra="forbid", strict=True)
 
@@ -162,9 +161,12 @@ class NativeAPI:
     async def generate(self, request: web.Request) -> web.Response:
         req, prepared, params = await self.prepare(request)
         count = max(req.parameters.n, req.parameters.best_of)
-        runs = [self._seeded(params, i) for i in range(count)]
-        states = [await self.manager.submit(prepared, p) for p in runs]
-        results = await asyncio.gather(*(self.collect(s) for s in states))
+        states = await self.manager.submit_many(prepared, [self._seeded(params, i) for i in range(count)])
+        try:
+            results = await gather_or_cancel(self.collect(s) for s in states)
+        finally:  # one choice failed or the client left: stop the others too
+            for state in states:
+                await self.manager.abort(state)
         body = {
             "generated_text": [text for text, _, _ in results],
             "count_output_tokens": sum(len(tokens) for _, tokens, _ in results),

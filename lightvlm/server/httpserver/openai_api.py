@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from lightvlm.io_struct import TextOut, TokenLogprob
 from lightvlm.models.processor import PromptError, split_messages
 from lightvlm.sampling_params import SamplingParams
-from lightvlm.server.httpserver.manager import ClientError, HttpServerManager, Prepared
+from lightvlm.server.httpserver.manager import ClientError, HttpServerManager, Prepared, gather_or_cancel
 from lightvlm.server.httpserver.native_api import parse, read_json
 
 LENIENT = ConfigDict(extra="allow")
@@ -161,7 +161,7 @@ class OpenAIAPI:
             runs.append(Completion(self, request, prepared, checked, req.n, kind="text", echo=echo))
         if req.stream:
             return await runs[0].stream(include_usage=bool(req.stream_options and req.stream_options.include_usage))
-        bodies = await asyncio.gather(*(run.collect() for run in runs))
+        bodies = await gather_or_cancel(run.collect() for run in runs)
         choices, prompt_tokens, completion_tokens = [], 0, 0
         for i, (body, run) in enumerate(zip(bodies, runs)):
             for choice in body["choices"]:
@@ -211,11 +211,15 @@ class Completion:
         return params
 
     async def submit_all(self):
-        return [await self.api.manager.submit(self.prepared, self.choice_params(i)) for i in range(self.n)]
+        return await self.api.manager.submit_many(self.prepared, [self.choice_params(i) for i in range(self.n)])
 
     async def collect(self) -> dict:
         states = await self.submit_all()
-        results = await asyncio.gather(*(self._collect_one(s) for s in states))
+        try:
+            results = await gather_or_cancel(self._collect_one(s) for s in states)
+        finally:  # one choice failed or the client left: stop the others too
+            for state in states:
+                await self.api.manager.abort(state)
         choices = []
         for index, (outs, text) in enumerate(results):
             reason = outs[-1].finish_reason if outs else "stop"
@@ -304,6 +308,8 @@ class Completion:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            for state in states:
+                await self.api.manager.abort(state)
         await response.write_eof()
         return response
 
