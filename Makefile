@@ -19,6 +19,7 @@ install: $(INSTALLED)
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/codespell lightvlm test benchmark docs README.md
 
 test: lint
 	$(PY) -m pytest -q test

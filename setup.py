@@ -25,6 +25,7 @@ TEST_REQUIRES = [
     "pytest-timeout==2.4.0",
     "requests==2.34.2",
     "ruff==0.17.6",
+    "codespell==2.4.3",  # the spelling check on identifiers and docs (STYLE.md)
     "openai==3.54.0",
     # Triton kernels are checked against their torch twins under TRITON_INTERPRET=1. On CUDA, torch
     # brings the triton build it was compiled with; this pin is only for the CPU test environment.
