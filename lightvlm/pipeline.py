@@ -139,7 +139,9 @@ class ImageStore(dict):
     def drop(self, key: str) -> None:
         self.holders[key] -= 1
         if self.holders[key] == 0:
-            del self.holders[key], self[key]
+            del self.holders[key]
+            if key in self:
+                del self[key]
 
 
 class SharedImageStore(ImageStore):
@@ -301,6 +303,8 @@ class Pipeline:
             if stopped and not req.status.is_finished:
                 self.scheduler.finish(req, req.status.FINISHED_STOPPED)
                 finished.append(req)
+            elif stopped:
+                req.stop_on_string()
         self.runner.release(self.scheduler.take_released())  # in one process, no need to wait a step
         return [self._respond(req) for req in finished]
 

@@ -6,6 +6,8 @@ and the OpenAI API. `validate()` raises ValueError with a message a user can act
 
 from dataclasses import dataclass, field
 
+MAX_INT32 = 2**31 - 1
+
 
 @dataclass
 class SamplingParams:
@@ -29,20 +31,21 @@ class SamplingParams:
 
     def validate(self) -> "SamplingParams":
         checks = [
-            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
+            (isinstance(self.max_new_tokens, int) and 1 <= self.max_new_tokens <= MAX_INT32,
              f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}"),
             (isinstance(self.min_new_tokens, int) and self.min_new_tokens >= 0,
              f"min_new_tokens must be an integer >= 0, got {self.min_new_tokens!r}"),
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-            (isinstance(self.top_k, int) and (self.top_k >= 1 or self.top_k in (-1, 0)),
-             f"top_k must be -1 (off) or an integer >= 1, got {self.top_k!r}"),
+            (isinstance(self.top_k, int) and (1 <= self.top_k <= MAX_INT32 or self.top_k in (-1, 0)),
+             f"top_k must be -1 (off) or an integer from 1 to {MAX_INT32}, got {self.top_k!r}"),
             (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
             (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
             (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
             (-2 <= self.frequency_penalty <= 2,
              f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
-            (self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}"),
+            (self.seed is None or (isinstance(self.seed, int) and -(2**63) <= self.seed < 2**64),
+             f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}"),
             (all(isinstance(s, str) and s for s in self.stop_sequences),
              "stop sequences must be non-empty strings"),
             (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),

@@ -113,3 +113,17 @@ def test_tensor_parallel_pipeline_gives_the_same_tokens(tiny_qwen2, pipe):
         assert len(workers) == 2 and all(p.is_alive() for p in workers)
     assert not list(Path("/dev/shm").glob(prefix + "*"))
     assert all(not p.is_alive() for p in workers)
+
+
+def test_stop_string_on_the_last_allowed_token_is_a_stop(pipe):
+    full = pipe("Tell me about the cat.", GenerationConfig(max_new_tokens=24, ignore_eos=True))
+    tokenizer = pipe.processor.tokenizer
+    for n in range(4, 24):  # a token whose text first appears right there
+        piece = tokenizer.decode(full.token_ids[n])
+        before = tokenizer.decode(full.token_ids[:n])
+        if piece.strip() and piece not in before and before + piece == tokenizer.decode(full.token_ids[:n + 1]):
+            break
+    else:
+        raise AssertionError("no token of the output is a usable stop string")
+    r = pipe("Tell me about the cat.", GenerationConfig(max_new_tokens=n + 1, ignore_eos=True, stop_words=[piece]))
+    assert r.finish_reason == "stop" and r.text == before and len(r.token_ids) == n + 1

@@ -44,11 +44,13 @@ class Detokenizer:
         if s.stopped:
             return "", True
         s.ids.append(token_id)
+        before = len(s.text)
         s.text += self._decode_delta(s)
         if check_stop and s.stop_sequences:
-            search_from = max(0, s.emitted - max(len(stop) for stop in s.stop_sequences))
-            cut = min((i for i in (s.text.find(stop, search_from) for stop in s.stop_sequences) if i >= 0),
-                      default=-1)
+            # only matches that end in the new text: a stop string completed while checking was off
+            # (before min_new_tokens) does not count later
+            found = (s.text.find(stop, max(0, before - len(stop) + 1)) for stop in s.stop_sequences)
+            cut = min((i for i in found if i >= 0), default=-1)
             if cut >= 0:
                 s.text, s.stopped = s.text[:cut], True
                 return self._take(s, len(s.text)), True

@@ -88,14 +88,24 @@ class ModelRunner:
     # -- request state -------------------------------------------------------------------------
 
     def _register(self, init: ReqInit) -> None:
+        """Take what the request needs; if anything is missing, take nothing and raise."""
         if init.req_id in self.reqs:
             self._release(init.req_id)
+        if not self.free_rows:
+            raise RuntimeError(f"all {self.config.max_reqs} request rows are in use")
         generator = None
         if init.sampling.seed is not None and not init.sampling.is_greedy:
             generator = torch.Generator(self.device).manual_seed(init.sampling.seed)
+        held = []
+        try:
+            for image in init.images:
+                self.image_store.hold(image.key)
+                held.append(image.key)
+        except Exception:
+            for key in held:
+                self.image_store.drop(key)
+            raise
         req = RunnerReq(init=init, row=self.free_rows.pop(), generator=generator)
-        for image in init.images:
-            self.image_store.hold(image.key)
         if init.sampling.has_penalties:
             req.seen = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
             req.counts = torch.zeros(self.vocab_size, dtype=torch.float32, device=self.device)
@@ -117,22 +127,33 @@ class ModelRunner:
 
     @torch.inference_mode()
     def step(self, step: StepInput, check: Callable[[StepInput], None] | None = None) -> StepOutput:
-        """Run one step. If it raises, each request is retried alone, so that only the requests that
-        fail by themselves are reported in `failed` and the others get their tokens."""
+        """Run one step. A request that cannot be registered, or that makes the step raise when run
+        alone, is reported in `failed`; the others get their tokens."""
         self.release(step.released)
+        failed = []
         for init in step.new_reqs:
-            self._register(init)
+            try:
+                self._register(init)
+            except Exception as e:  # noqa: BLE001 (reported to the router, which fails the request)
+                failed.append((init.req_id, describe(e)))
+        if failed:
+            step = select_reqs(step, set(step.req_ids) - {req_id for req_id, _ in failed})
         try:
-            return self._run(step, check)
-        except Exception:
+            out = self._run(step, check) if step.req_ids else StepOutput(req_ids=(), token_ids=())
+        except Exception as e:  # noqa: BLE001
             if len(step.req_ids) == 1:
-                raise
+                return StepOutput(req_ids=(), token_ids=(), failed=((step.req_ids[0], describe(e)), *failed))
+            out = self._run_one_by_one(step, check)
+        return replace(out, failed=(*out.failed, *failed)) if failed else out
+
+    def _run_one_by_one(self, step: StepInput, check: Callable[[StepInput], None] | None) -> StepOutput:
+        """After a failed step: each request alone, so the culprits fail and nobody else does."""
         outputs, failed = [], []
         for single in split_step(step):
             try:
                 outputs.append(self._run(single, check))
-            except Exception as e:  # noqa: BLE001 (reported to the router, which fails the request)
-                failed.append((single.req_ids[0], f"{type(e).__name__}: {e}"))
+            except Exception as e:  # noqa: BLE001
+                failed.append((single.req_ids[0], describe(e)))
         return StepOutput(req_ids=tuple(i for o in outputs for i in o.req_ids),
                           token_ids=tuple(t for o in outputs for t in o.token_ids),
                           logprobs=tuple(lp for o in outputs for lp in (o.logprobs or ())) or None,
@@ -146,10 +167,11 @@ class ModelRunner:
         if state.image_rows is not None:
             embeds[state.image_rows] = state.image_embeds.to(embeds.dtype)
         logits = self.model(embeds, state, state.logit_rows)
-        self._commit(step)  # the step ran: advance the counters it may not touch before
-        if not self.tp.is_first or not sampled_ids:
-            return StepOutput(req_ids=(), token_ids=())
-        return self._sample(sampled_ids, logits)
+        out = StepOutput(req_ids=(), token_ids=())
+        if self.tp.is_first and sampled_ids:
+            out = self._sample(sampled_ids, logits)
+        self._commit(step)  # the step ran through: only now advance what a rerun must not see advanced
+        return out
 
     def _commit(self, step: StepInput) -> None:
         row = 0
@@ -244,7 +266,8 @@ class ModelRunner:
         batch = SamplingBatch(
             temperature=torch.tensor([max(p.temperature, 1e-5) for p in params], device=dev),
             top_p=torch.tensor([p.top_p for p in params], device=dev),
-            top_k=torch.tensor([p.top_k if p.top_k > 0 else self.vocab_size for p in params], device=dev),
+            top_k=torch.tensor([min(p.top_k, self.vocab_size) if p.top_k > 0 else self.vocab_size for p in params],
+                               device=dev),
             min_p=torch.tensor([p.min_p for p in params], device=dev),
             is_greedy=torch.tensor([p.is_greedy for p in params], device=dev),
             generators=[r.generator for r in reqs],
@@ -265,6 +288,20 @@ class ModelRunner:
                 stop_ids = [t for t in (*r.init.eos_token_ids, *r.init.sampling.stop_token_ids) if t < self.vocab_size]
                 batch.banned[i, stop_ids] = True
         return batch
+
+
+def describe(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def select_reqs(step: StepInput, keep: set[int]) -> StepInput:
+    """The step with only the requests in `keep` (registration and releases already done)."""
+    parts = [single for single in split_step(step) if single.req_ids[0] in keep]
+    return StepInput(req_ids=tuple(p.req_ids[0] for p in parts),
+                     num_new_tokens=tuple(p.num_new_tokens[0] for p in parts),
+                     input_ids=tuple(t for p in parts for t in p.input_ids),
+                     new_slots=tuple(t for p in parts for t in p.new_slots),
+                     samples=tuple(p.samples[0] for p in parts))
 
 
 def split_step(step: StepInput) -> list[StepInput]:

@@ -99,6 +99,11 @@ class Req:
         if not self.status.is_finished:
             self.status = status
 
+    def stop_on_string(self) -> None:
+        """A stop string matched: that is why it ended, even if the same token reached the length limit."""
+        if self.status in (ReqStatus.FINISHED_LENGTH, ReqStatus.RUNNING, ReqStatus.WAITING):
+            self.status = ReqStatus.FINISHED_STOPPED
+
     def reset_for_recompute(self) -> None:
         """Preempted: the KV is gone, so everything (prompt and outputs so far) is computed again."""
         self.kv_slots = []

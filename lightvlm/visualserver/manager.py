@@ -230,12 +230,12 @@ class VisualManager:
                 for pending in waiters:
                     pending.missing.discard(job.key)
                     self.forward_if_ready(pending)
-            else:
+            else:  # gone first, so that no parked request can take the dead entry
+                self.cache.remove(job.key)
                 for pending in waiters:
                     del self.pending[pending.req.req_id]
                     self.drop(pending)
                     self.to_http.send(ReqError(pending.req.req_id, result.status, result.error))
-                self.cache.remove(job.key)
         self.admit_parked()
 
     # -- shared memory -------------------------------------------------------------------------

@@ -67,6 +67,11 @@ CASES = {
     "empty token id list": ("json", request_with([], prompt=[]), "empty list of token ids"),
     "token id outside the vocabulary": ("json", request_with([], prompt=[1, 2, 10**9]), "token ids must be in [0, "),
     "min above max tokens": ("json", request_with(min_new_tokens=9), "min_new_tokens (9) exceeds max_new_tokens"),
+    "huge top_k": ("json", request_with(do_sample=True, top_k=10**20), "top_k must be -1 (off) or an integer"),
+    "seed out of range": ("json", request_with(do_sample=True, seed=2**70), "seed must be an integer in"),
+    "n too large": ("json", request_with(n=1000), "n and best_of must be between 1 and 16"),
+    "URL with an impossible host": ("json", request_with([{"type": "url", "data": f"http://{'a' * 70}.com/x.png"}]),
+                                    "could not fetch"),
 }
 
 

@@ -123,3 +123,20 @@ def test_client_leaving_a_non_streamed_n3_request_frees_all_three(main_server):
         cache_stats(main_server)), timeout=2.0)
     assert freed, f"still held after the client left: {cache_stats(main_server)}"
     assert main_server.get("/health").status_code == 200
+
+
+def test_the_same_image_twice_in_one_request_keeps_other_users_reference(main_server):
+    data = unique_png("rocket.jpg", "twice")
+    long_one = {"inputs": chat("Describe it at length.", True),
+                "parameters": {"max_new_tokens": 1500, "min_new_tokens": 1500, "ignore_eos": True},
+                "multimodal_params": {"images": [{"type": "base64", "data": data}]}}
+    twice = {"inputs": "<|im_start|>user\n<image><image>Same twice?<|im_end|>\n<|im_start|>assistant\n",
+             "parameters": {"max_new_tokens": 4},
+             "multimodal_params": {"images": [{"type": "base64", "data": data}] * 2}}
+    with requests.post(main_server.url + "/generate_stream", json=long_one, stream=True, timeout=60) as stream:
+        lines = stream.iter_lines()
+        next(line for line in lines if line)  # the long request is decoding, holding the image
+        assert main_server.post("/generate", twice).status_code == 200
+        time.sleep(0.3)
+        assert cache_stats(main_server)["embed_cache_held_entries"] == 1  # still held by the long request
+    assert wait_for(lambda: cache_stats(main_server)["embed_cache_held_entries"] == 0, timeout=2.0)

@@ -1,6 +1,7 @@
 """Start-up, text-only mode, failing rooms, failing requests, and shutdown."""
 
 import base64
+import json
 import shutil
 import signal
 import subprocess
@@ -156,6 +157,17 @@ def test_a_request_that_crashes_the_encoder_or_the_step_fails_alone_with_500(mai
     assert main_server.post("/generate", good).status_code == 200
     metrics = main_server.get("/metrics").text
     assert 'lightvlm_requests_total{status="error_500"}' in metrics
+
+
+def test_a_stream_failing_midway_ends_with_an_error_event(main_server):
+    _, _, bad_step = faulty_requests()
+    with requests.post(main_server.url + "/generate_stream", json=bad_step, stream=True, timeout=60) as response:
+        assert response.status_code == 200  # the first tokens were already on their way
+        events = [json.loads(line[5:]) for line in response.iter_lines() if line.startswith(b"data:")]
+    assert [e["finished"] for e in events] == [False, False, True]
+    assert events[-1]["finish_reason"] == "error" and events[-1]["status"] == 500
+    assert "model worker failed" in events[-1]["error"]
+    assert main_server.get("/health").status_code == 200
 
 
 def test_metrics_are_prometheus_text(main_server):

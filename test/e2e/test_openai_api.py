@@ -243,3 +243,9 @@ def test_completions_endpoint(client, tiny_pipe):
     streamed = "".join(c.choices[0].text for c in client.completions.create(
         model="m", prompt=prompt, max_tokens=10, temperature=0, stream=True))
     assert streamed == chat.choices[0].message.content
+
+
+def test_min_tokens_without_max_tokens(client):
+    r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}], temperature=0,
+                                       extra_body={"min_tokens": 5})
+    assert r.usage.completion_tokens >= 5

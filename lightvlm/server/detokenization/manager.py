@@ -55,9 +55,10 @@ class DetokenizationManager:
         count = self.num_outputs[token.req_id] = self.num_outputs[token.req_id] + 1
         text, stopped = self.detokenizer.push(token.req_id, token.token_id, count > req.min_new_tokens)
         reason = token.finish_reason
-        if stopped and reason is None:
-            self.to_router.send(StopReq(token.req_id))
-            reason = "stop"
+        if stopped:
+            if reason is None:  # the router still runs it
+                self.to_router.send(StopReq(token.req_id))
+            reason = "stop"  # also when the stop string came with the last allowed token
         if reason:
             text += self.detokenizer.flush(token.req_id)
             self.forget(token.req_id)

@@ -79,8 +79,10 @@ class MediaLoader:
                     body += chunk
                     if len(body) > cap:
                         raise ImageError(f"image at {url} is larger than the limit of {cap} bytes", "too_large")
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
-            raise ImageError(f"could not fetch {url}: {type(e).__name__} {e}".strip(), "fetch_failed") from None
+        except ImageError:
+            raise
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as e:  # ValueError: bad URLs
+            raise ImageError(f"could not fetch {url[:200]}: {type(e).__name__} {e}".strip(), "fetch_failed") from None
         return bytes(body)
 
     async def _run(self, fn, *args):

@@ -12,7 +12,13 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lightvlm.sampling_params import SamplingParams
-from lightvlm.server.httpserver.manager import ClientError, HttpServerManager, RequestState, gather_or_cancel
+from lightvlm.server.httpserver.manager import (
+    ClientError,
+    HttpServerManager,
+    RequestFailed,
+    RequestState,
+    gather_or_cancel,
+)
 
 STRICT = ConfigDict(extra="forbid", strict=True)
 
@@ -120,9 +126,12 @@ def describe(error: ValidationError) -> str:
     return "; ".join(problems)
 
 
+MAX_CHOICES = 16
+
+
 def sampling_params(parameters: NativeParameters) -> SamplingParams:
-    if parameters.n < 1 or parameters.best_of < 1:
-        raise ClientError("n and best_of must be >= 1")
+    if not (1 <= parameters.n <= MAX_CHOICES and 1 <= parameters.best_of <= MAX_CHOICES):
+        raise ClientError(f"n and best_of must be between 1 and {MAX_CHOICES}")
     try:
         return parameters.to_sampling_params().validate()
     except ValueError as e:
@@ -208,19 +217,28 @@ class NativeAPI:
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
             await response.prepare(request)
             text = []
-            while True:
-                text.append(out.text)
-                token = {**self.token_json(out), "count_output_tokens": out.num_output_tokens,
-                         "prompt_tokens": state.prompt_tokens}
-                event = {"token": token, "generated_text": "".join(text) if out.finish_reason else None,
-                         "finished": out.finish_reason is not None, "finish_reason": out.finish_reason,
-                         "details": None}
-                await response.write(b"data:" + json.dumps(event, ensure_ascii=False).encode() + b"\n\n")
-                if out.finish_reason is not None:
-                    break
-                out = await anext(outputs)
+            try:
+                while True:
+                    text.append(out.text)
+                    await self.send(response, self.event(state, out, "".join(text)))
+                    if out.finish_reason is not None:
+                        break
+                    out = await anext(outputs)
+            except RequestFailed as e:  # the headers are out: the error becomes the last event
+                await self.send(response, {"error": str(e), "status": e.status, "finished": True,
+                                           "finish_reason": "error", "generated_text": "".join(text)})
         await response.write_eof()
         return response
+
+    def event(self, state: RequestState, out, text: str) -> dict:
+        token = {**self.token_json(out), "count_output_tokens": out.num_output_tokens,
+                 "prompt_tokens": state.prompt_tokens}
+        return {"token": token, "generated_text": text if out.finish_reason else None,
+                "finished": out.finish_reason is not None, "finish_reason": out.finish_reason, "details": None}
+
+    @staticmethod
+    async def send(response: web.StreamResponse, event: dict) -> None:
+        await response.write(b"data:" + json.dumps(event, ensure_ascii=False).encode() + b"\n\n")
 
     async def tokens(self, request: web.Request) -> web.Response:
         req = parse(TokensRequest, await read_json(request))

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from lightvlm.io_struct import TextOut, TokenLogprob
 from lightvlm.models.processor import PromptError, split_messages
-from lightvlm.sampling_params import SamplingParams
+from lightvlm.sampling_params import MAX_INT32, SamplingParams
 from lightvlm.server.httpserver.manager import ClientError, HttpServerManager, Prepared, gather_or_cancel
 from lightvlm.server.httpserver.native_api import parse, read_json
 
@@ -69,7 +69,7 @@ class SamplingFields(BaseModel):
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         explicit = self.max_new_tokens()
         params = SamplingParams(  # without max_tokens, check_length gives the rest of the context
-            max_new_tokens=explicit if explicit is not None else 1, min_new_tokens=self.min_tokens,
+            max_new_tokens=explicit if explicit is not None else MAX_INT32, min_new_tokens=self.min_tokens,
             do_sample=self.temperature > 0, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             min_p=self.min_p, repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, seed=self.seed, ignore_eos=self.ignore_eos,

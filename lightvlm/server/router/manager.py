@@ -99,8 +99,9 @@ class RouterManager:
             self.to_detokenization.send(TokenOut(req_id, None, finish_reason=notify))
 
     def release_images(self, req: Req) -> None:
+        """One release per distinct image: the visualserver took one reference per key."""
         if req.images and self.to_visual is not None:
-            self.to_visual.send(ReleaseImages(tuple(image.key for image in req.images)))
+            self.to_visual.send(ReleaseImages(tuple(sorted({image.key for image in req.images}))))
 
     # -- one step ------------------------------------------------------------------------------
 

@@ -26,7 +26,8 @@ from lightvlm.models.weight_loader import resolve_dtype
 logger = get_logger(__name__)
 
 MIN_PARALLEL_TOKENS = 32  # below this many tokens a step runs faster on one thread than on two
-FAULT_ENV = "LIGHTVLM_FAULT_STEP_TOKEN"  # tests: a request whose prompt starts with this token id raises
+# tests: a request whose prompt starts with this token id makes its step raise once it has two tokens
+FAULT_ENV = "LIGHTVLM_FAULT_STEP_TOKEN"
 
 
 class ShmImageStore:
@@ -81,6 +82,7 @@ class ModelWorkerService(NoDelayService):
         self.num_slots = num_slots
         self.cpu_share = cpu_share
         self.fault_token = int(os.environ[FAULT_ENV]) if os.environ.get(FAULT_ENV) else None
+        self.doomed: set[int] = set()  # requests the injected fault will hit
 
     def exposed_info(self) -> bytes:
         return pickle.dumps({"num_slots": self.num_slots})
@@ -92,11 +94,15 @@ class ModelWorkerService(NoDelayService):
         return pickle.dumps(out)
 
     def _check_fault(self, step) -> None:
+        """Fails a doomed request's step after it produced two tokens, so that streams see it mid-way."""
         if self.fault_token is None:
             return
         row = 0
         for req_id, n in zip(step.req_ids, step.num_new_tokens):
-            if self.runner.reqs[req_id].num_cached == 0 and step.input_ids[row] == self.fault_token:
+            req = self.runner.reqs[req_id]
+            if req.num_cached == 0 and step.input_ids[row] == self.fault_token:
+                self.doomed.add(req_id)
+            if req_id in self.doomed and req.num_cached > req.init.prompt_len:  # also when retried alone
                 raise RuntimeError(f"injected fault: a prompt starting with token {self.fault_token} ({FAULT_ENV})")
             row += n
 
