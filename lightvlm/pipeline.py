@@ -31,11 +31,11 @@ from lightvlm.common import shm
 from lightvlm.config import load_workers
 from lightvlm.engine.detokenizer import Detokenizer
 from lightvlm.engine.model_runner import ModelRunner, RunnerConfig
-from lightvlm.engine.req import Req
+from lightvlm.engine.req import Req, ReqStatus
 from lightvlm.engine.scheduler import Scheduler, SchedulerConfig
 from lightvlm.engine.visual_encoder import VisualEncoder, to_storage
 from lightvlm.io_struct import ImageRef, TokenLogprob
-from lightvlm.models.processor import split_messages
+from lightvlm.models.processor import generation_defaults, split_messages
 from lightvlm.models.registry import LoadedCheckpoint
 from lightvlm.models.weight_loader import resolve_dtype
 from lightvlm.sampling_params import SamplingParams
@@ -43,14 +43,17 @@ from lightvlm.sampling_params import SamplingParams
 
 @dataclass
 class GenerationConfig:
+    """Unset (None) sampling fields take the checkpoint's generation_config.json values, else the
+    usual defaults (temperature 1, top_p 1, top_k off, min_p 0, repetition_penalty 1)."""
+
     max_new_tokens: int = 512
     min_new_tokens: int = 0
     do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     ignore_eos: bool = False
@@ -61,11 +64,15 @@ class GenerationConfig:
     logprobs: bool = False
     top_logprobs: int = 0
 
-    def to_sampling_params(self) -> SamplingParams:
+    def to_sampling_params(self, defaults: dict) -> SamplingParams:
+        def pick(name):
+            value = getattr(self, name)
+            return defaults[name] if value is None else value
+
         return SamplingParams(
             max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens, do_sample=self.do_sample,
-            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
-            repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+            temperature=pick("temperature"), top_p=pick("top_p"), top_k=pick("top_k"), min_p=pick("min_p"),
+            repetition_penalty=pick("repetition_penalty"), presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, seed=self.seed, ignore_eos=self.ignore_eos,
             stop_sequences=list(self.stop_words or []), stop_token_ids=list(self.stop_token_ids or []),
             skip_special_tokens=self.skip_special_tokens, logprobs=self.logprobs or self.top_logprobs > 0,
@@ -77,11 +84,12 @@ class GenerationConfig:
 class Response:
     text: str
     token_ids: list[int]  # generated ids, ending with the EOS id when generation stopped on it
-    finish_reason: str  # "stop" | "length"
+    finish_reason: str  # "stop" | "length" | "error"
     input_token_len: int  # prompt ids, image rows included
     generate_token_len: int
     index: int = 0
     logprobs: list[TokenLogprob] | None = None
+    error: str | None = None  # finish_reason "error": the model failed on this request
 
 
 def load_image(source) -> Image.Image:
@@ -211,7 +219,11 @@ class Pipeline:
         ckpt = LoadedCheckpoint.open(model_dir)
         dtype = resolve_dtype(data_type, device, model_dir)
         self.processor = ckpt.make_processor()
-        self.session_len = session_len or ckpt.config.text.max_position_embeddings
+        self.sampling_defaults = generation_defaults(model_dir)
+        max_positions = ckpt.config.text.max_position_embeddings
+        if session_len is not None and session_len > max_positions:
+            raise ValueError(f"session_len {session_len} exceeds the model's max_position_embeddings ({max_positions})")
+        self.session_len = session_len or max_positions
         num_slots = max_total_token_num or max_batch_size * self.session_len
         self.eos_token_ids = frozenset(ckpt.eos_token_ids)
         workers = load_workers()
@@ -233,6 +245,7 @@ class Pipeline:
         self._next_id = 0
         self._reqs: dict[int, Req] = {}
         self._logprobs: dict[int, list[TokenLogprob]] = {}
+        self._errors: dict[int, str] = {}
 
     def __call__(self, prompts, gen_config: GenerationConfig | None = None):
         batch = is_batch(prompts)
@@ -250,7 +263,7 @@ class Pipeline:
 
     def add_requests(self, prompts: list, gen_config: GenerationConfig | None = None) -> list[int]:
         """Tokenize, encode every new image in one batch, and queue the requests. Returns their ids."""
-        params = (gen_config or GenerationConfig()).to_sampling_params()
+        params = (gen_config or GenerationConfig()).to_sampling_params(self.sampling_defaults)
         prepared = []
         for prompt in prompts:
             messages, sources = split_messages(to_messages(prompt))
@@ -293,15 +306,21 @@ class Pipeline:
         if batch is None:
             return []
         out = self.runner.step(batch.to_step_input())
+        failed = []
+        for req_id, error in out.failed:  # the model could not run this request: end it, say why
+            req = self._reqs[req_id]
+            self.scheduler.finish(req, ReqStatus.FINISHED_ABORTED)
+            self._errors[req_id] = error
+            failed.append(req)
         sampled = dict(zip(out.req_ids, out.token_ids))
-        finished = self.scheduler.update(batch, sampled)
+        finished = failed + self.scheduler.update(batch, sampled)
         for i, (req_id, token) in enumerate(sampled.items()):
             req = self._reqs[req_id]
             if out.logprobs is not None:
                 self._logprobs[req_id].append(out.logprobs[i])
             _, stopped = self.detokenizer.push(req_id, token, len(req.output_ids) > req.sampling.min_new_tokens)
             if stopped and not req.status.is_finished:
-                self.scheduler.finish(req, req.status.FINISHED_STOPPED)
+                self.scheduler.finish(req, ReqStatus.FINISHED_STOPPED)
                 finished.append(req)
             elif stopped:
                 req.stop_on_string()
@@ -315,10 +334,11 @@ class Pipeline:
             self.images.drop(image.key)
         del self._reqs[req.req_id]
         logprobs = self._logprobs.pop(req.req_id)
+        error = self._errors.pop(req.req_id, None)
         return Response(text=state.text if state else text, token_ids=list(req.output_ids),
-                        finish_reason=req.status.finish_reason, input_token_len=req.num_prompt_tokens,
-                        generate_token_len=len(req.output_ids), index=req.req_id,
-                        logprobs=logprobs if req.sampling.logprobs else None)
+                        finish_reason="error" if error else req.status.finish_reason,
+                        input_token_len=req.num_prompt_tokens, generate_token_len=len(req.output_ids),
+                        index=req.req_id, logprobs=logprobs if req.sampling.logprobs else None, error=error)
 
 
     def close(self) -> None:

@@ -127,3 +127,25 @@ def test_stop_string_on_the_last_allowed_token_is_a_stop(pipe):
         raise AssertionError("no token of the output is a usable stop string")
     r = pipe("Tell me about the cat.", GenerationConfig(max_new_tokens=n + 1, ignore_eos=True, stop_words=[piece]))
     assert r.finish_reason == "stop" and r.text == before and len(r.token_ids) == n + 1
+
+
+def test_session_longer_than_the_model_is_refused(tiny_qwen2):
+    with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings"):
+        pipeline(tiny_qwen2, session_len=10**6)
+
+
+def test_a_request_the_model_fails_on_ends_with_an_error(pipe, monkeypatch):
+    """What the runner reports in StepOutput.failed ends that request (finish_reason "error") and only it."""
+    real_run = pipe.runner._run
+    doomed = pipe._next_id + 1  # the second request of the batch below
+
+    def failing(step, check):
+        if doomed in step.req_ids:
+            raise RuntimeError("the model choked")
+        return real_run(step, check)
+
+    monkeypatch.setattr(pipe.runner, "_run", failing)
+    good, bad = pipe(["Hello", "Hello again"], GREEDY)
+    monkeypatch.undo()
+    assert good.finish_reason != "error" and good.token_ids == pipe("Hello", GREEDY).token_ids
+    assert bad.finish_reason == "error" and "the model choked" in bad.error and bad.token_ids == []

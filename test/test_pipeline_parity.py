@@ -118,3 +118,75 @@ def test_first_token_logits_match_transformers(pipe, tiny_checkpoint, monkeypatc
         reference = hf_model(tiny_checkpoint)(**inputs).logits[0, -1]
     assert captured[0].shape == (1, reference.shape[0])
     assert torch.allclose(captured[0][0], reference, atol=1e-4, rtol=0), (captured[0][0] - reference).abs().max()
+
+
+def variant(model_dir, tmp_path, name, edit_generation_config=None, edit_tensors=None):
+    """A copy of a checkpoint with its generation config or its tensors changed."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / name
+    shutil.copytree(model_dir, out)
+    if edit_generation_config:
+        config = json.loads((out / "generation_config.json").read_text())
+        config.update(edit_generation_config)
+        (out / "generation_config.json").write_text(json.dumps(config))
+    if edit_tensors:
+        tensors = load_file(out / "model.safetensors")
+        edit_tensors(tensors)
+        save_file(tensors, out / "model.safetensors")
+    return out
+
+
+def test_generation_config_defaults_apply_as_in_transformers(tiny_qwen2, tmp_path):
+    """transformers' generate() applies generation_config.json's repetition_penalty even when greedy."""
+    model_dir = variant(tiny_qwen2, tmp_path, "penalized", edit_generation_config={"repetition_penalty": 1.5})
+    images = [load_image("coffee.jpg")]
+    reference, inputs = hf_generate(model_dir, hf_messages("Describe this image.", images), 40)
+    plain, _ = hf_generate(tiny_qwen2, hf_messages("Describe this image.", images), 40)
+    assert reference != plain  # the penalty matters for this prompt
+    ours = pipeline(model_dir, max_batch_size=4, session_len=1024, max_total_token_num=4096)
+    r = ours(("Describe this image.", images), GenerationConfig(max_new_tokens=40))
+    assert_same_greedy(model_dir, r.token_ids, reference, inputs, "generation_config repetition_penalty")
+
+
+def test_repetition_penalty_counts_image_tokens_like_transformers(tiny_qwen2):
+    images = [load_image("chelsea.png")]
+    inputs = hf_inputs(tiny_qwen2, hf_messages("Describe this image.", images))
+    with torch.no_grad():
+        out = hf_model(tiny_qwen2).generate(**inputs, max_new_tokens=30, do_sample=False, repetition_penalty=0.3)
+    reference = out[0, inputs["input_ids"].shape[1]:].tolist()
+    ours = pipeline(tiny_qwen2, max_batch_size=4, session_len=1024, max_total_token_num=4096)
+    r = ours(("Describe this image.", images), GenerationConfig(max_new_tokens=30, repetition_penalty=0.3))
+    assert r.token_ids == reference
+
+
+def test_separate_lm_head_in_a_tied_checkpoint_is_used(tiny_qwen2, tmp_path):
+    """The checkpoint says tie_word_embeddings but ships its own head: transformers uses the head."""
+    def add_head(tensors):
+        embed = tensors["model.language_model.embed_tokens.weight"]
+        tensors["lm_head.weight"] = torch.randn(embed.shape, generator=torch.Generator().manual_seed(5)) * 0.1
+
+    model_dir = variant(tiny_qwen2, tmp_path, "own-head", edit_tensors=add_head)
+    reference, inputs = hf_generate(model_dir, hf_messages("Hello there!", []), 30)
+    ours = pipeline(model_dir, max_batch_size=4, session_len=1024, max_total_token_num=4096)
+    assert_same_greedy(model_dir, ours("Hello there!", GenerationConfig(max_new_tokens=30)).token_ids, reference,
+                       inputs, "separate lm_head")
+
+
+def test_bf16_greedy_matches_transformers_in_bf16(tiny_llama):
+    images = [load_image("coffee_strip_600x40.jpg")]
+    inputs = hf_inputs(tiny_llama, hf_messages("What is this?", images))
+    from transformers import InternVLForConditionalGeneration
+
+    model = InternVLForConditionalGeneration.from_pretrained(tiny_llama, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        out = model.generate(**{**inputs, "pixel_values": inputs["pixel_values"].to(torch.bfloat16)},
+                             max_new_tokens=30, do_sample=False)
+    reference = out[0, inputs["input_ids"].shape[1]:].tolist()
+    ours = pipeline(tiny_llama, data_type="bf16", max_batch_size=4, session_len=1024, max_total_token_num=4096)
+    r = ours(("What is this?", images), GenerationConfig(max_new_tokens=30))
+    agree = next((i for i, (a, b) in enumerate(zip(r.token_ids, reference)) if a != b), len(reference))
+    assert agree >= 20, f"bf16 ids part at step {agree}: {r.token_ids[:agree + 2]} vs {reference[:agree + 2]}"

@@ -46,6 +46,7 @@ class RunnerReq:
     row: int  # row of req_to_slots
     num_cached: int = 0  # tokens whose K/V are written
     generator: torch.Generator | None = None
+    draws: int = 0  # samples drawn from `generator` (each one row of the vocabulary)
     seen: torch.Tensor | None = None  # [V] bool, for repetition penalty
     counts: torch.Tensor | None = None  # [V] float, output token counts
 
@@ -78,6 +79,8 @@ class ModelRunner:
         self.model = build_language_model(ckpt, tp, config.dtype, config.device, config.load_workers, show_progress)
         text = ckpt.config.text
         self.vocab_size = text.vocab_size
+        # image rows carry hash-derived ids; for penalties they count as the family's image token
+        self.image_token_id = getattr(ckpt.config, "image_token_id", None)
         kv_heads = self.model.language_model.layers[0].self_attn.qkv_proj.num_kv_heads
         self.kv = KVCache.allocate(text.num_layers, config.num_slots, kv_heads, text.head_dim,
                                    config.dtype, self.device)
@@ -167,13 +170,13 @@ class ModelRunner:
         if state.image_rows is not None:
             embeds[state.image_rows] = state.image_embeds.to(embeds.dtype)
         logits = self.model(embeds, state, state.logit_rows)
-        out = StepOutput(req_ids=(), token_ids=())
-        if self.tp.is_first and sampled_ids:
-            out = self._sample(sampled_ids, logits)
         self._commit(step)  # the step ran through: only now advance what a rerun must not see advanced
-        return out
+        if not self.tp.is_first or not sampled_ids:
+            return StepOutput(req_ids=(), token_ids=())
+        return self._sample(sampled_ids, logits)  # validated parameters: sampling does not fail
 
     def _commit(self, step: StepInput) -> None:
+        """Count the step's tokens as cached, and as seen by the penalties (before sampling)."""
         row = 0
         for req_id, n in zip(step.req_ids, step.num_new_tokens):
             req = self.reqs[req_id]
@@ -239,7 +242,7 @@ class ModelRunner:
     def _track_penalty_tokens(self, req: RunnerReq, start: int, ids: tuple[int, ...]) -> None:
         ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         positions = torch.arange(start, start + len(ids), device=self.device)
-        ids = ids.where(ids < self.vocab_size, -1)
+        ids = ids.where(ids < self.vocab_size, -1 if self.image_token_id is None else self.image_token_id)
         known = ids >= 0
         req.seen[ids[known]] = True
         outputs = ids[known & (positions >= req.init.prompt_len)]
@@ -247,6 +250,14 @@ class ModelRunner:
 
     def _sample(self, req_ids: list[int], logits: torch.Tensor) -> StepOutput:
         reqs = [self.reqs[i] for i in req_ids]
+        for req in reqs:
+            if req.generator is not None:
+                # after a preemption the request is registered anew with a fresh generator: skip the
+                # draws its earlier outputs used, so the seeded stream goes on where it was
+                while req.draws < req.num_outputs:
+                    torch.empty(self.vocab_size, device=self.device).exponential_(generator=req.generator)
+                    req.draws += 1
+                req.draws += 1
         batch = self._sampling_batch(reqs)
         tokens, logprobs, top = sample(logits, batch)
         token_list = tokens.tolist()

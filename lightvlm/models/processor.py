@@ -61,6 +61,20 @@ def load_processor(processor_class: str, model_dir: str | Path) -> "BaseProcesso
     return getattr(importlib.import_module(module), name).from_model_dir(model_dir)
 
 
+# Sampling settings a checkpoint's generation_config.json may set; a request that leaves them unset gets
+# the checkpoint's value (as transformers' generate() and vLLM do), else the usual default.
+SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0}
+
+
+def generation_defaults(model_dir: str | Path) -> dict:
+    config = read_json(Path(model_dir) / "generation_config.json")
+    defaults = dict(SAMPLING_DEFAULTS)
+    defaults.update({k: config[k] for k in SAMPLING_DEFAULTS if config.get(k) is not None})
+    if defaults["top_k"] == 0:
+        defaults["top_k"] = -1
+    return defaults
+
+
 def load_chat_template(model_dir: Path) -> str | None:
     """The checkpoint's Jinja chat template, from wherever transformers would have saved it."""
     jinja_file = model_dir / "chat_template.jinja"
@@ -115,7 +129,8 @@ class BaseProcessor:
         self.chat_template = compile_chat_template(template) if template else None
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         names = sorted({self.image_token, *GENERIC_PLACEHOLDERS}, key=len, reverse=True)
-        self.placeholder_re = re.compile("|".join(re.escape(n) for n in names))
+        self.placeholder_re = re.compile("|".join(re.escape(n) for n in names))  # raw prompts (/generate)
+        self.chat_placeholder_re = re.compile(re.escape(self.image_token))  # what the chat template writes
 
     # -- text ------------------------------------------------------------------------------------
 
@@ -124,17 +139,20 @@ class BaseProcessor:
         if self.chat_template is None:
             raise PromptError(f"{self.model_dir} has no chat template; send a raw prompt to /generate instead")
         special = {k: v for k, v in self.tokenizer.special_tokens_map.items() if isinstance(v, str)}
-        return self.chat_template.render(messages=messages, add_generation_prompt=add_generation_prompt, **special)
+        return self.chat_template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
+                                         documents=None, **special)
 
     def count_placeholders(self, text: str) -> int:
         return len(self.placeholder_re.findall(text))
 
-    def encode(self, text: str, image_sizes: list[tuple[int, int]], add_special_tokens: bool = True) -> Prompt:
+    def encode(self, text: str, image_sizes: list[tuple[int, int]], add_special_tokens: bool = True,
+               placeholders: re.Pattern | None = None) -> Prompt:
         """Tokenize `text`, expanding its i-th image placeholder into the span of the i-th image.
 
-        image_sizes are (width, height). Raises PromptError when the counts differ.
+        image_sizes are (width, height). Raises PromptError when the counts differ. By default the
+        family's tag, `<image>` and `<img></img>` all mark images (raw prompts).
         """
-        pieces = self.placeholder_re.split(text)
+        pieces = (placeholders or self.placeholder_re).split(text)
         if len(pieces) - 1 != len(image_sizes):
             raise PromptError(f"the prompt has {len(pieces) - 1} image placeholder(s) but {len(image_sizes)} "
                               f"image(s) were given; put one placeholder ({self.image_token}, <image> or "
@@ -158,9 +176,11 @@ class BaseProcessor:
     def encode_chat(self, messages: list[dict], image_sizes: list[tuple[int, int]],
                     add_generation_prompt: bool = True) -> Prompt:
         text = self.apply_chat_template(messages, add_generation_prompt)
-        # As transformers does: a template that writes BOS itself must not get a second one.
+        # As transformers does: a template that writes BOS itself must not get a second one; and only
+        # the tag the template writes for an image marks one (a user may write "<image>" as text).
         bos = self.tokenizer.bos_token
-        return self.encode(text, image_sizes, add_special_tokens=not (bos and text.startswith(bos)))
+        return self.encode(text, image_sizes, add_special_tokens=not (bos and text.startswith(bos)),
+                           placeholders=self.chat_placeholder_re)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)

@@ -7,11 +7,11 @@ Adding a family means adding one entry here (see docs/models.md).
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lightvlm.models.processor import load_processor
-from lightvlm.models.weight_loader import CheckpointError
+from lightvlm.models.weight_loader import CheckpointError, checkpoint_tensor_names
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,13 @@ class LoadedCheckpoint:
     def open(cls, model_dir: str | Path) -> "LoadedCheckpoint":
         hf = read_hf_config(model_dir)
         family = get_family(hf)
-        return cls(Path(model_dir), family, family.parse_config(hf), hf)
+        config = family.parse_config(hf)
+        # The LM head is tied to the embedding exactly when the checkpoint has no head of its own: that
+        # is what transformers ends up doing whatever the (often missing) tie_word_embeddings says.
+        has_head = any(family.rename(name) == ("language", "lm_head.weight")
+                       for name in checkpoint_tensor_names(model_dir))
+        config = replace(config, text=replace(config.text, tie_word_embeddings=not has_head))
+        return cls(Path(model_dir), family, config, hf)
 
     def make_processor(self):
         return load_processor(self.family.processor_class, self.model_dir)

@@ -54,6 +54,17 @@ def checkpoint_files(model_dir: str | Path) -> list[Path]:
     return files
 
 
+def checkpoint_tensor_names(model_dir: str | Path) -> list[str]:
+    index = Path(model_dir) / "model.safetensors.index.json"
+    if index.exists():
+        return list(json.loads(index.read_text())["weight_map"])
+    names = []
+    for path in checkpoint_files(model_dir):
+        with safe_open(path, framework="pt") as f:
+            names.extend(f.keys())
+    return names
+
+
 def checkpoint_dtype(model_dir: str | Path) -> torch.dtype:
     """The dtype of the first floating tensor in the checkpoint."""
     with safe_open(checkpoint_files(model_dir)[0], framework="pt") as f:

@@ -60,3 +60,28 @@ def test_a_request_whose_image_is_missing_fails_alone(runner):
     failed = run(runner, [good, bad])
     assert set(failed) == {2} and "KeyError" in failed[2]
     assert good.output_ids == alone.output_ids
+
+
+def sample_all(runner, reqs, num_slots, overcommit=False):
+    scheduler = Scheduler(SchedulerConfig(num_slots, 512, 4))
+    if overcommit:
+        scheduler._fits = lambda req: True  # admit beyond the predicted peak, to force preemptions
+    for req in reqs:
+        scheduler.add(req)
+    while scheduler.has_unfinished:
+        batch = scheduler.schedule()
+        out = runner.step(batch.to_step_input())
+        scheduler.update(batch, dict(zip(out.req_ids, out.token_ids)))
+        runner.release(scheduler.take_released())
+    return [r.output_ids for r in reqs]
+
+
+def test_seeded_sampling_goes_on_where_it_was_after_a_preemption(runner):
+    def reqs():
+        return [Req(i, prompt(i) * 4, SamplingParams(max_new_tokens=30, do_sample=True, temperature=1.5, seed=7 + i,
+                                                  ignore_eos=True), 512) for i in range(2)]
+
+    calm = sample_all(runner, reqs(), num_slots=4096)
+    pressed = reqs()
+    assert sample_all(runner, pressed, num_slots=64, overcommit=True) == calm
+    assert pressed[1].num_preemptions >= 1

@@ -102,3 +102,33 @@ def test_image_length_env_must_match_the_checkpoint(tiny_qwen2, monkeypatch):
     with pytest.raises(ValueError, match=f"INTERNVL_IMAGE_LENGTH=256 contradicts the checkpoint.*gives "
                                          f"{ckpt.config.tokens_per_tile} tokens per tile"):
         InternVLProcessor(tiny_qwen2, ckpt.config.tokens_per_tile)
+
+
+def test_image_tags_written_as_text_in_a_chat_are_text(ours, tiny_checkpoint):
+    messages = [{"role": "user", "content": "In HTML, what does <image> or <img></img> mean?"}]
+    reference = hf_processor(tiny_checkpoint).apply_chat_template(messages, add_generation_prompt=True,
+                                                                  tokenize=True, return_dict=True)
+    assert ours.encode_chat(messages, []).input_ids == reference["input_ids"][0]
+
+
+def test_tiling_is_on_whatever_processor_config_says(tiny_qwen2, tmp_path):
+    """transformers' InternVLProcessor always crops to tiles; a crop_to_patches key changes nothing."""
+    import json
+    import shutil
+
+    copy = tmp_path / "no-crop"
+    shutil.copytree(tiny_qwen2, copy)
+    config = json.loads((copy / "processor_config.json").read_text())
+    (copy / "processor_config.json").write_text(json.dumps({**config, "crop_to_patches": False}))
+    assert InternVLProcessor.from_model_dir(copy).image_layout(400, 100).num_tiles > 1
+
+
+def test_templates_see_no_tools_and_no_documents(ours):
+    from lightvlm.models.processor import compile_chat_template
+
+    template = compile_chat_template("{% if tools is not none %}[TOOLS]{% endif %}{{ messages[0]['content'] }}")
+    ours_template, ours.chat_template = ours.chat_template, template
+    try:
+        assert ours.apply_chat_template([{"role": "user", "content": "hi"}]) == "hi"
+    finally:
+        ours.chat_template = ours_template

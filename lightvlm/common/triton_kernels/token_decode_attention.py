@@ -28,9 +28,10 @@ def token_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache
     is_real = torch.arange(longest, device=q.device)[None, :] < lengths[:, None]
     bias = torch.zeros(is_real.shape, device=q.device).masked_fill_(~is_real, float("-inf"))
     q = q.view(batch, kv_heads, heads // kv_heads, dim).transpose(0, 1)  # [kv_heads, B, group, D]
-    scores = torch.matmul(q, k.transpose(-1, -2)).float() * dim**-0.5  # [kv_heads, B, group, L]
-    probs = (scores + bias[None, :, None, :]).softmax(dim=-1).to(v.dtype)
-    return torch.matmul(probs, v).transpose(0, 1).reshape(batch, heads, dim)
+    # in fp32 whatever the cache's dtype, as the attention kernels of transformers compute it
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * dim**-0.5  # [kv_heads, B, group, L]
+    probs = (scores + bias[None, :, None, :]).softmax(dim=-1)
+    return torch.matmul(probs, v.float()).to(q.dtype).transpose(0, 1).reshape(batch, heads, dim)
 
 
 if triton is not None:
@@ -38,34 +39,36 @@ if triton is not None:
     @triton.jit
     def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lengths_ptr, out_ptr, scale,
                        stride_qb, stride_qh, stride_kh, stride_ks, stride_vh, stride_vs, stride_sb,
-                       stride_ob, stride_oh, GROUP: tl.constexpr, BLOCK: tl.constexpr, DIM: tl.constexpr):
+                       stride_ob, stride_oh, GROUP: tl.constexpr, BLOCK: tl.constexpr, DIM: tl.constexpr,
+                       DIM_POW2: tl.constexpr):
         b = tl.program_id(0)
         h = tl.program_id(1)
         kv_head = h // GROUP
         length = tl.load(lengths_ptr + b)
-        d = tl.arange(0, DIM)
-        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + d).to(tl.float32)
+        d = tl.arange(0, DIM_POW2)  # tl.arange needs a power of two: the tail past DIM is masked
+        in_dim = d < DIM
+        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + d, mask=in_dim, other=0.0).to(tl.float32)
         running_max = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)
         denominator = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
-        acc = tl.zeros([DIM], tl.float32)
+        acc = tl.zeros([DIM_POW2], tl.float32)
         for start in range(0, length, BLOCK):
             offsets = start + tl.arange(0, BLOCK)
             valid = offsets < length
             slots = tl.load(slots_ptr + b * stride_sb + offsets, mask=valid, other=0)
             k = tl.load(k_ptr + kv_head * stride_kh + slots[:, None] * stride_ks + d[None, :],
-                        mask=valid[:, None], other=0.0).to(tl.float32)
+                        mask=valid[:, None] & in_dim[None, :], other=0.0).to(tl.float32)
             scores = tl.sum(k * q[None, :], axis=1) * scale
             scores = tl.where(valid, scores, float("-inf"))
             new_max = tl.maximum(running_max, tl.max(scores, axis=0))
             p = tl.exp(scores - new_max)
             correction = tl.exp(running_max - new_max)
             v = tl.load(v_ptr + kv_head * stride_vh + slots[:, None] * stride_vs + d[None, :],
-                        mask=valid[:, None], other=0.0).to(tl.float32)
+                        mask=valid[:, None] & in_dim[None, :], other=0.0).to(tl.float32)
             acc = acc * correction + tl.sum(p[:, None] * v, axis=0)
             denominator = denominator * correction + tl.sum(p, axis=0)
             running_max = new_max
         out = acc / denominator
-        tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+        tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=in_dim)
 
 
 def token_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -78,5 +81,5 @@ def token_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q, k_cache, v_cache, slot_table, lengths, out, dim**-0.5,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         slot_table.stride(0), out.stride(0), out.stride(1),
-        GROUP=heads // k_cache.shape[0], BLOCK=block, DIM=dim)
+        GROUP=heads // k_cache.shape[0], BLOCK=block, DIM=dim, DIM_POW2=triton.next_power_of_2(dim))
     return out

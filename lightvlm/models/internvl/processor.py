@@ -74,8 +74,8 @@ class InternVLProcessor(BaseProcessor):
         self.tile_size = size["height"]
         self.min_tiles = pre.get("min_patches", 1)
         self.max_tiles = pre.get("max_patches", 12)
-        # InternVLProcessor turns tiling on whatever the image processor's own default says.
-        self.crop_to_patches = read_json(self.model_dir / "processor_config.json").get("crop_to_patches", True)
+        # InternVLProcessor turns tiling on, whatever the image processor's own config says.
+        self.crop_to_patches = True
         self.resample = Image.Resampling(pre.get("resample", Image.Resampling.BICUBIC))
         self.rescale_factor = pre.get("rescale_factor", 1 / 255)
         self.image_mean = pre.get("image_mean", [0.485, 0.456, 0.406])

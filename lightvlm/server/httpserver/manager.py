@@ -19,7 +19,7 @@ from lightvlm.common import shm
 from lightvlm.common.logging import get_logger
 from lightvlm.config import ServerConfig
 from lightvlm.io_struct import AbortReq, GenerateReq, ImageItem, ReqError, RoomStats, TextOut
-from lightvlm.models.processor import PromptError, load_processor
+from lightvlm.models.processor import PromptError, generation_defaults, load_processor
 from lightvlm.sampling_params import SamplingParams
 from lightvlm.server.httpserver.media import ImageData, ImageError, MediaLimits, MediaLoader
 from lightvlm.server.httpserver.metrics import Metrics
@@ -74,6 +74,7 @@ class HttpServerManager:
         self.config = config
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="http-cpu")
         self.processor = load_processor(config.model.processor_class, config.model.model_dir)
+        self.sampling_defaults = generation_defaults(config.model.model_dir)
         http = config.http
         self.media = MediaLoader(MediaLimits(http.image_fetch_timeout, http.max_image_bytes, http.max_image_pixels),
                                  self.processor.settings, self.executor)

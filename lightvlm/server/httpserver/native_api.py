@@ -37,13 +37,13 @@ class MultimodalParams(BaseModel):
 class NativeParameters(BaseModel):
     model_config = STRICT
     do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    min_p: float = 0.0
+    temperature: float | None = None  # None: the checkpoint's generation_config.json, else 1
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
+    repetition_penalty: float | None = None
     max_new_tokens: int = 16
     min_new_tokens: int = 1
     ignore_eos: bool = False
@@ -69,12 +69,13 @@ class NativeParameters(BaseModel):
     suggested_dp_index: int | None = None
     move_kv_to_decode_node: Any = None
 
-    def to_sampling_params(self) -> SamplingParams:
+    def to_sampling_params(self, defaults: dict) -> SamplingParams:
         stops = [self.stop_sequences] if isinstance(self.stop_sequences, str) else list(self.stop_sequences or [])
+        pick = {name: defaults[name] if getattr(self, name) is None else getattr(self, name) for name in defaults}
         return SamplingParams(
             max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens, do_sample=self.do_sample,
-            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
-            repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+            temperature=pick["temperature"], top_p=pick["top_p"], top_k=pick["top_k"], min_p=pick["min_p"],
+            repetition_penalty=pick["repetition_penalty"], presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, seed=self.seed, ignore_eos=self.ignore_eos,
             stop_sequences=stops, stop_token_ids=list(self.stop_token_ids),
             skip_special_tokens=self.skip_special_tokens, logprobs=self.return_details,
@@ -129,11 +130,11 @@ def describe(error: ValidationError) -> str:
 MAX_CHOICES = 16
 
 
-def sampling_params(parameters: NativeParameters) -> SamplingParams:
+def sampling_params(parameters: NativeParameters, defaults: dict) -> SamplingParams:
     if not (1 <= parameters.n <= MAX_CHOICES and 1 <= parameters.best_of <= MAX_CHOICES):
         raise ClientError(f"n and best_of must be between 1 and {MAX_CHOICES}")
     try:
-        return parameters.to_sampling_params().validate()
+        return parameters.to_sampling_params(defaults).validate()
     except ValueError as e:
         raise ClientError(str(e)) from None
 
@@ -152,7 +153,7 @@ class NativeAPI:
 
     async def prepare(self, request: web.Request):
         req = parse(GenerateRequest, await read_json(request))
-        params = self.manager.stop_tokens_by_name(sampling_params(req.parameters))
+        params = self.manager.stop_tokens_by_name(sampling_params(req.parameters, self.manager.sampling_defaults))
         images = await self.manager.load_images([(i.type, i.data) for i in req.multimodal_params.images])
         if isinstance(req.inputs, list):
             if images:

@@ -38,8 +38,8 @@ class SamplingFields(BaseModel):
     model: str | None = None
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: float | None = None  # None: the checkpoint's generation_config.json, else 1
+    top_p: float | None = None
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -47,9 +47,9 @@ class SamplingFields(BaseModel):
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    top_k: int = -1
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
     min_tokens: int = 0
     ignore_eos: bool = False
     stop_token_ids: list[int] = Field(default_factory=list)
@@ -65,13 +65,15 @@ class SamplingFields(BaseModel):
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
-    def sampling_params(self, logprobs: bool, top_logprobs: int) -> SamplingParams:
+    def sampling_params(self, logprobs: bool, top_logprobs: int, defaults: dict) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         explicit = self.max_new_tokens()
+        pick = {name: defaults[name] if getattr(self, name) is None else getattr(self, name) for name in defaults}
         params = SamplingParams(  # without max_tokens, check_length gives the rest of the context
             max_new_tokens=explicit if explicit is not None else MAX_INT32, min_new_tokens=self.min_tokens,
-            do_sample=self.temperature > 0, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-            min_p=self.min_p, repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+            do_sample=pick["temperature"] > 0, temperature=pick["temperature"], top_p=pick["top_p"],
+            top_k=pick["top_k"], min_p=pick["min_p"], repetition_penalty=pick["repetition_penalty"],
+            presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, seed=self.seed, ignore_eos=self.ignore_eos,
             stop_sequences=stop, stop_token_ids=list(self.stop_token_ids),
             skip_special_tokens=self.skip_special_tokens, logprobs=logprobs, top_logprobs=top_logprobs)
@@ -128,7 +130,8 @@ class OpenAIAPI:
         prepared = await self.manager.prepare_chat(messages, images)
         if req.top_logprobs is not None and not req.logprobs:
             raise ClientError("top_logprobs needs logprobs: true")
-        params = self.manager.stop_tokens_by_name(req.sampling_params(req.logprobs, req.top_logprobs or 0))
+        params = self.manager.stop_tokens_by_name(
+            req.sampling_params(req.logprobs, req.top_logprobs or 0, self.manager.sampling_defaults))
         params = self.manager.check_length(prepared, params, max_new_explicit=req.max_new_tokens() is not None)
         run = Completion(self, request, prepared, params, req.n, kind="chat")
         if req.stream:
@@ -148,7 +151,8 @@ class OpenAIAPI:
             raise ClientError("streaming takes a single prompt")
         if req.logprobs is not None and not 0 <= req.logprobs <= 20:
             raise ClientError("logprobs must be between 0 and 20")
-        params = self.manager.stop_tokens_by_name(req.sampling_params(req.logprobs is not None, req.logprobs or 0))
+        params = self.manager.stop_tokens_by_name(
+            req.sampling_params(req.logprobs is not None, req.logprobs or 0, self.manager.sampling_defaults))
         runs = []
         for prompt in prompts:
             if isinstance(prompt, str):
