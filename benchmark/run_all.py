@@ -138,7 +138,8 @@ def machine() -> str:
                 if line.startswith("model name")), platform.processor())
     memory = next((int(line.split()[1]) // 2**20 for line in Path("/proc/meminfo").read_text().splitlines()
                    if line.startswith("MemTotal")), 0)
-    return (f"{cpu}, {os.cpu_count()} cores, {memory} GiB RAM, no GPU; Python {platform.python_version()}, "
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{cpu}, {os.cpu_count()} cores, {memory} GiB RAM, {gpu}; Python {platform.python_version()}, "
             f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
 
 

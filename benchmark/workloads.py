@@ -8,6 +8,7 @@ import base64
 import io
 import random
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from PIL import Image
@@ -42,8 +43,13 @@ def data_url(data: bytes) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(data).decode()
 
 
+@lru_cache(maxsize=1)
+def corpus_words() -> tuple[str, ...]:
+    return tuple(CORPUS.read_text().split())
+
+
 def prompt_text(words: int, rng: random.Random) -> str:
-    vocabulary = CORPUS.read_text().split()
+    vocabulary = corpus_words()
     return " ".join(rng.choice(vocabulary) for _ in range(words))
 
 

@@ -60,6 +60,10 @@ class VisualConfig:
     dp: int = 1
     tp: int = 1
 
+    @property
+    def num_encoder_workers(self) -> int:
+        return self.dp * self.tp if self.enabled else 0
+
 
 @dataclass(frozen=True)
 class HttpConfig:

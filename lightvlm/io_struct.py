@@ -11,7 +11,7 @@ from lightvlm.sampling_params import SamplingParams
 
 @dataclass(frozen=True)
 class ImageRef:
-    """One image of a request: its cache key and where its embedding rows sit in the prompt ids."""
+    """Written by the router (inside ReqInit): an image's cache key and where its rows sit in the prompt."""
 
     key: str
     offset: int
@@ -22,7 +22,7 @@ class ImageRef:
 
 @dataclass(frozen=True)
 class ReqInit:
-    """Sent the first time a request is scheduled (again after a preemption)."""
+    """Written by the router the first time a request is scheduled (again after a preemption)."""
 
     req_id: int
     prompt_len: int
@@ -33,8 +33,9 @@ class ReqInit:
 
 @dataclass(frozen=True)
 class StepInput:
-    """Only the diff: new requests in full, then for every scheduled request its new tokens and the
-    KV slots they go to. Flattened lists are in `req_ids` order."""
+    """Written by the router, read by every worker rank. Only the diff: new requests in full, then for
+    every scheduled request its new tokens and the KV slots they go to. Flattened lists are in
+    `req_ids` order."""
 
     req_ids: tuple[int, ...]
     num_new_tokens: tuple[int, ...]
@@ -47,6 +48,8 @@ class StepInput:
 
 @dataclass(frozen=True)
 class TokenLogprob:
+    """Written by worker rank 0 (inside StepOutput), passed on to detokenization and the httpserver."""
+
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()  # (token id, logprob) of the most likely tokens
@@ -71,8 +74,6 @@ class ImageItem:
     key: str  # MD5 of the bytes and the preprocessing settings
     shm_name: str  # segment holding the image file's bytes (the visualserver unlinks it)
     num_bytes: int
-    width: int
-    height: int
     offset: int  # first embedding row in the prompt ids
     length: int  # embedding rows
 
@@ -122,7 +123,6 @@ class DetokReq:
     """Written by the router when it accepts a request: how to turn its ids into text."""
 
     req_id: int
-    prompt_tokens: int
     skip_special_tokens: bool
     stop_sequences: tuple[str, ...]
     min_new_tokens: int

@@ -33,7 +33,7 @@ from lightvlm.engine.detokenizer import Detokenizer
 from lightvlm.engine.model_runner import ModelRunner, RunnerConfig
 from lightvlm.engine.req import Req, ReqStatus
 from lightvlm.engine.scheduler import Scheduler, SchedulerConfig
-from lightvlm.engine.visual_encoder import VisualEncoder, to_storage
+from lightvlm.engine.visual_encoder import VisualEncoder, embeddings_nbytes, write_embeddings
 from lightvlm.io_struct import ImageRef, TokenLogprob
 from lightvlm.models.processor import generation_defaults, split_messages
 from lightvlm.models.registry import LoadedCheckpoint
@@ -65,14 +65,10 @@ class GenerationConfig:
     top_logprobs: int = 0
 
     def to_sampling_params(self, defaults: dict) -> SamplingParams:
-        def pick(name):
-            value = getattr(self, name)
-            return defaults[name] if value is None else value
-
-        return SamplingParams(
-            max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens, do_sample=self.do_sample,
-            temperature=pick("temperature"), top_p=pick("top_p"), top_k=pick("top_k"), min_p=pick("min_p"),
-            repetition_penalty=pick("repetition_penalty"), presence_penalty=self.presence_penalty,
+        return SamplingParams.build(
+            defaults, max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens, do_sample=self.do_sample,
+            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, seed=self.seed, ignore_eos=self.ignore_eos,
             stop_sequences=list(self.stop_words or []), stop_token_ids=list(self.stop_token_ids or []),
             skip_special_tokens=self.skip_special_tokens, logprobs=self.logprobs or self.top_logprobs > 0,
@@ -162,14 +158,13 @@ class SharedImageStore(ImageStore):
 
     def __setitem__(self, key: str, embeds: torch.Tensor) -> None:
         super().__setitem__(key, embeds)
-        array = to_storage(embeds)
-        segment = shm.create(self.prefix + "e" + key, shm.array_nbytes(array.shape, array.dtype))
-        shm.write_array_header(segment.buf, array.shape, array.dtype)[...] = array
+        segment = shm.create(shm.embedding_segment(self.prefix, key), embeddings_nbytes(embeds))
+        write_embeddings(segment.buf, embeds)
         segment.close()
 
     def __delitem__(self, key: str) -> None:
         super().__delitem__(key)
-        shm.unlink(self.prefix + "e" + key)  # workers that still map it keep their view until they let go
+        shm.unlink(shm.embedding_segment(self.prefix, key))  # workers that map it keep their view until done
 
 
 class RemoteRunner:
@@ -284,7 +279,7 @@ class Pipeline:
             self._reqs[req.req_id] = req
             self._logprobs[req.req_id] = []
             self.scheduler.add(req)
-            self.detokenizer.add(req.req_id, params.skip_special_tokens, params.stop_sequences)
+            self.detokenizer.add(req.req_id, params.skip_special_tokens, params.stop_sequences, params.min_new_tokens)
             req_ids.append(req.req_id)
         return req_ids
 
@@ -318,7 +313,7 @@ class Pipeline:
             req = self._reqs[req_id]
             if out.logprobs is not None:
                 self._logprobs[req_id].append(out.logprobs[i])
-            _, stopped = self.detokenizer.push(req_id, token, len(req.output_ids) > req.sampling.min_new_tokens)
+            _, stopped = self.detokenizer.push(req_id, token)
             if stopped and not req.status.is_finished:
                 self.scheduler.finish(req, ReqStatus.FINISHED_STOPPED)
                 finished.append(req)

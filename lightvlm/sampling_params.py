@@ -4,9 +4,12 @@ The same object serves the offline pipeline (`GenerationConfig` converts into it
 and the OpenAI API. `validate()` raises ValueError with a message a user can act on.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 MAX_INT32 = 2**31 - 1
+MAX_CHOICES = 16  # n / best_of
+# Fields a request may leave unset (None) to get the checkpoint's generation_config.json value.
+MODEL_DEFAULTED = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 @dataclass
@@ -59,6 +62,20 @@ class SamplingParams:
         if self.min_new_tokens > self.max_new_tokens:
             raise ValueError(f"min_new_tokens ({self.min_new_tokens}) exceeds max_new_tokens ({self.max_new_tokens})")
         return self
+
+    @classmethod
+    def build(cls, defaults: dict, **fields) -> "SamplingParams":
+        """Fields in MODEL_DEFAULTED that are None take `defaults` (models.processor.generation_defaults)."""
+        for name in MODEL_DEFAULTED:
+            if fields.get(name) is None:
+                fields[name] = defaults[name]
+        return cls(**fields)
+
+    def for_choice(self, index: int) -> "SamplingParams":
+        """Choice `index` of n: its own seed (seed + index), so that sampled choices differ."""
+        if index == 0 or self.seed is None:
+            return self
+        return replace(self, seed=self.seed + index)
 
     @property
     def is_greedy(self) -> bool:

@@ -52,7 +52,7 @@ def threads_for(fixed: int | None, table: str, slot: int, cores: int, device: st
     return CpuShare(table, slot, cores)
 
 
-def describe(share: "CpuShare | None") -> str:
+def thread_policy(share: "CpuShare | None") -> str:
     return f"threads shared among busy processes ({share.cores} cores)" if share else \
         f"{torch.get_num_threads()} threads"
 

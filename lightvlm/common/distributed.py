@@ -33,10 +33,6 @@ class TPGroup:
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=dim)
 
-    def barrier(self) -> None:
-        if self.size > 1:
-            dist.barrier(group=self.group)
-
 
 SINGLE = TPGroup()
 
@@ -50,9 +46,12 @@ def init_tp_group(rank: int, size: int, init_method: str, device: torch.device) 
     return TPGroup(rank=rank, size=size, group=dist.group.WORLD)
 
 
-def destroy_tp_group(tp: TPGroup) -> None:
-    if tp.size > 1 and dist.is_initialized():
-        dist.destroy_process_group()
+def kv_heads_per_rank(num_kv_heads: int, tp_size: int) -> int:
+    """KV heads each rank holds: a share of them, or one replicated head when there are fewer than ranks."""
+    if num_kv_heads >= tp_size:
+        return divide(num_kv_heads, tp_size, "number of key/value heads")
+    divide(tp_size, num_kv_heads, "tensor-parallel size over key/value heads")
+    return 1
 
 
 def divide(numerator: int, denominator: int, what: str) -> int:

@@ -59,6 +59,11 @@ def read_bytes(name: str, size: int) -> bytes:
         shm.close()
 
 
+def embedding_segment(prefix: str, key: str) -> str:
+    """The name of the segment holding the image `key`'s embedding rows (the embed cache's entries)."""
+    return f"{prefix}e{key}"
+
+
 def array_nbytes(shape: tuple[int, ...], dtype) -> int:
     return HEADER.size + int(np.prod(shape)) * np.dtype(dtype).itemsize
 

@@ -16,6 +16,7 @@ REPLACEMENT_CHAR = "\ufffd"
 class DecodeState:
     skip_special_tokens: bool = True
     stop_sequences: tuple[str, ...] = ()
+    min_new_tokens: int = 0  # stop strings count only in tokens after this many
     ids: list[int] = field(default_factory=list)
     prefix_offset: int = 0
     read_offset: int = 0
@@ -29,16 +30,16 @@ class Detokenizer:
         self.tokenizer = tokenizer
         self.states: dict[int, DecodeState] = {}
 
-    def add(self, req_id: int, skip_special_tokens: bool = True, stop_sequences=()) -> None:
-        self.states[req_id] = DecodeState(skip_special_tokens, tuple(stop_sequences))
+    def add(self, req_id: int, skip_special_tokens: bool = True, stop_sequences=(), min_new_tokens: int = 0) -> None:
+        self.states[req_id] = DecodeState(skip_special_tokens, tuple(stop_sequences), min_new_tokens)
 
     def remove(self, req_id: int) -> DecodeState | None:
         return self.states.pop(req_id, None)
 
-    def push(self, req_id: int, token_id: int, check_stop: bool = True) -> tuple[str, bool]:
+    def push(self, req_id: int, token_id: int) -> tuple[str, bool]:
         """Add one generated id. Returns (text safe to show now, whether a stop string matched).
 
-        check_stop=False (before min_new_tokens) decodes without looking for stop strings.
+        Within the first min_new_tokens tokens, stop strings are not looked for.
         """
         s = self.states[req_id]
         if s.stopped:
@@ -46,7 +47,7 @@ class Detokenizer:
         s.ids.append(token_id)
         before = len(s.text)
         s.text += self._decode_delta(s)
-        if check_stop and s.stop_sequences:
+        if s.stop_sequences and len(s.ids) > s.min_new_tokens:
             # only matches that end in the new text: a stop string completed while checking was off
             # (before min_new_tokens) does not count later
             found = (s.text.find(stop, max(0, before - len(stop) + 1)) for stop in s.stop_sequences)

@@ -12,12 +12,12 @@ from typing import Protocol
 
 import torch
 
-from lightvlm.common.distributed import SINGLE, TPGroup
+from lightvlm.common.distributed import SINGLE, TPGroup, kv_heads_per_rank
 from lightvlm.engine.infer_state import InferState, KVCache, PrefillChunk
 from lightvlm.engine.sampler import SamplingBatch, sample
 from lightvlm.io_struct import ReqInit, StepInput, StepOutput, TokenLogprob
 from lightvlm.models.registry import LoadedCheckpoint
-from lightvlm.models.weight_loader import load_weights
+from lightvlm.models.weight_loader import build_part
 
 
 class ImageSource(Protocol):
@@ -58,15 +58,8 @@ class RunnerReq:
 
 def build_language_model(ckpt: LoadedCheckpoint, tp: TPGroup, dtype: torch.dtype, device: str,
                          load_workers: int = 1, show_progress: bool = True) -> torch.nn.Module:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = ckpt.family.language_module(ckpt.config, tp)
-    finally:
-        torch.set_default_dtype(previous)
-    load_weights({"language": model}, ckpt.model_dir, ckpt.family.rename, load_workers, show_progress)
-    return model.eval()
+    return build_part("language", lambda: ckpt.family.language_module(ckpt.config, tp), ckpt.model_dir,
+                      ckpt.family.rename, dtype, device, load_workers, show_progress)
 
 
 class ModelRunner:
@@ -81,7 +74,7 @@ class ModelRunner:
         self.vocab_size = text.vocab_size
         # image rows carry hash-derived ids; for penalties they count as the family's image token
         self.image_token_id = getattr(ckpt.config, "image_token_id", None)
-        kv_heads = self.model.language_model.layers[0].self_attn.qkv_proj.num_kv_heads
+        kv_heads = kv_heads_per_rank(text.num_kv_heads, tp.size)
         self.kv = KVCache.allocate(text.num_layers, config.num_slots, kv_heads, text.head_dim,
                                    config.dtype, self.device)
         self.req_to_slots = torch.zeros(config.max_reqs, config.max_len, dtype=torch.long, device=self.device)
@@ -138,14 +131,14 @@ class ModelRunner:
             try:
                 self._register(init)
             except Exception as e:  # noqa: BLE001 (reported to the router, which fails the request)
-                failed.append((init.req_id, describe(e)))
+                failed.append((init.req_id, error_text(e)))
         if failed:
             step = select_reqs(step, set(step.req_ids) - {req_id for req_id, _ in failed})
         try:
             out = self._run(step, check) if step.req_ids else StepOutput(req_ids=(), token_ids=())
         except Exception as e:  # noqa: BLE001
             if len(step.req_ids) == 1:
-                return StepOutput(req_ids=(), token_ids=(), failed=((step.req_ids[0], describe(e)), *failed))
+                return StepOutput(req_ids=(), token_ids=(), failed=((step.req_ids[0], error_text(e)), *failed))
             out = self._run_one_by_one(step, check)
         return replace(out, failed=(*out.failed, *failed)) if failed else out
 
@@ -156,7 +149,7 @@ class ModelRunner:
             try:
                 outputs.append(self._run(single, check))
             except Exception as e:  # noqa: BLE001
-                failed.append((single.req_ids[0], describe(e)))
+                failed.append((single.req_ids[0], error_text(e)))
         return StepOutput(req_ids=tuple(i for o in outputs for i in o.req_ids),
                           token_ids=tuple(t for o in outputs for t in o.token_ids),
                           logprobs=tuple(lp for o in outputs for lp in (o.logprobs or ())) or None,
@@ -301,7 +294,7 @@ class ModelRunner:
         return batch
 
 
-def describe(error: Exception) -> str:
+def error_text(error: Exception) -> str:
     return f"{type(error).__name__}: {error}"
 
 

@@ -79,6 +79,7 @@ class Scheduler:
         self.allocator = allocator or TokenAllocator(config.max_total_token_num)
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
+        self.reqs: dict[int, Req] = {}  # every unfinished request, by id
         self._released: list[int] = []
         self._sent: set[int] = set()  # requests the workers hold state for
 
@@ -89,14 +90,13 @@ class Scheduler:
             raise ValueError(f"request {req.req_id} needs up to {req.max_kv_tokens} KV slots but the pool "
                              f"has {self.config.max_total_token_num}")
         self.waiting.append(req)
+        self.reqs[req.req_id] = req
 
     def abort(self, req_id: int) -> Req | None:
-        for req in (*self.running, *self.waiting):
-            if req.req_id == req_id:
-                req.finish(ReqStatus.FINISHED_ABORTED)
-                self._remove(req)
-                return req
-        return None
+        req = self.reqs.get(req_id)
+        if req is not None:
+            self.finish(req, ReqStatus.FINISHED_ABORTED)
+        return req
 
     def finish(self, req: Req, status: ReqStatus) -> None:
         """End a request from outside the step (a stop string matched, an error)."""
@@ -112,6 +112,7 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
+        self.reqs.pop(req.req_id, None)
         self._free(req)
 
     def _free(self, req: Req) -> None:

@@ -7,9 +7,10 @@ forward so memory stays bounded however many images arrive at once.
 import numpy as np
 import torch
 
+from lightvlm.common import shm
 from lightvlm.common.distributed import SINGLE, TPGroup
 from lightvlm.models.registry import LoadedCheckpoint
-from lightvlm.models.weight_loader import load_weights
+from lightvlm.models.weight_loader import build_part
 
 
 class VisualEncoder:
@@ -19,15 +20,8 @@ class VisualEncoder:
         self.device = torch.device(device)
         self.dtype = dtype
         self.max_batch_tiles = max_batch_tiles
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            with torch.device(device):
-                model = ckpt.family.visual_module(ckpt.config, tp)
-        finally:
-            torch.set_default_dtype(previous)
-        load_weights({"visual": model}, ckpt.model_dir, ckpt.family.rename, load_workers, show_progress)
-        self.model = model.eval()
+        self.model = build_part("visual", lambda: ckpt.family.visual_module(ckpt.config, tp), ckpt.model_dir,
+                                ckpt.family.rename, dtype, device, load_workers, show_progress)
 
     @torch.inference_mode()
     def encode(self, images: list[np.ndarray | torch.Tensor]) -> list[torch.Tensor]:
@@ -41,8 +35,18 @@ class VisualEncoder:
         return [chunk.reshape(-1, chunk.shape[-1]).cpu() for chunk in embeds.split(counts)]
 
 
-def to_storage(embeds: torch.Tensor) -> np.ndarray:
-    """Embedding rows as a numpy array for shared memory (bfloat16 travels as its uint16 bits)."""
-    if embeds.dtype == torch.bfloat16:
-        return embeds.view(torch.uint16).numpy()
-    return embeds.numpy()
+def write_embeddings(buf, embeds: torch.Tensor) -> None:
+    """Embedding rows into a shared-memory buffer, raw with a header (bfloat16 travels as uint16 bits)."""
+    array = embeds.view(torch.uint16).numpy() if embeds.dtype == torch.bfloat16 else embeds.numpy()
+    shm.write_array_header(buf, array.shape, array.dtype)[...] = array
+
+
+def embeddings_nbytes(embeds: torch.Tensor) -> int:
+    return shm.HEADER.size + embeds.numel() * embeds.element_size()
+
+
+def read_embeddings(buf) -> torch.Tensor:
+    """A zero-copy tensor over the rows `write_embeddings` stored."""
+    array = shm.read_array(buf)
+    tensor = torch.from_numpy(array)
+    return tensor.view(torch.bfloat16) if array.dtype == np.uint16 else tensor

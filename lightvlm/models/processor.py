@@ -36,7 +36,6 @@ class ImageSpan:
 
     offset: int  # index of the first embedding row
     length: int  # number of embedding rows (tiles x tokens per tile for InternVL)
-    num_tiles: int = 1
 
 
 @dataclass
@@ -142,9 +141,6 @@ class BaseProcessor:
         return self.chat_template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
                                          documents=None, **special)
 
-    def count_placeholders(self, text: str) -> int:
-        return len(self.placeholder_re.findall(text))
-
     def encode(self, text: str, image_sizes: list[tuple[int, int]], add_special_tokens: bool = True,
                placeholders: re.Pattern | None = None) -> Prompt:
         """Tokenize `text`, expanding its i-th image placeholder into the span of the i-th image.
@@ -169,7 +165,7 @@ class BaseProcessor:
                 continue
             layout = self.image_layout(*next(sizes))
             offset = len(prompt.input_ids) + layout.first_row
-            prompt.image_spans.append(ImageSpan(offset, layout.num_rows, layout.num_tiles))
+            prompt.image_spans.append(ImageSpan(offset, layout.num_rows))
             prompt.input_ids.extend(layout.span_ids)
         return prompt
 

@@ -8,6 +8,7 @@ Adding a family means adding one entry here (see docs/models.md).
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 from lightvlm.models.processor import load_processor
@@ -101,7 +102,7 @@ class LoadedCheckpoint:
     def make_processor(self):
         return load_processor(self.family.processor_class, self.model_dir)
 
-    @property
+    @cached_property
     def eos_token_ids(self) -> tuple[int, ...]:
         """generation_config.json's EOS ids (what transformers' generate stops on), else config.json's."""
         path = self.model_dir / "generation_config.json"

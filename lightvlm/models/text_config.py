@@ -26,7 +26,6 @@ class TextConfig:
     o_bias: bool
     mlp_bias: bool
     tie_word_embeddings: bool
-    eos_token_id: int | list[int] | None
 
     @classmethod
     def from_hf(cls, hf: dict, tie_word_embeddings: bool | None = None) -> "TextConfig":
@@ -62,5 +61,4 @@ class TextConfig:
             o_bias=False if model_type == "qwen2" else attention_bias,
             mlp_bias=hf.get("mlp_bias", False),
             tie_word_embeddings=tie_word_embeddings,
-            eos_token_id=hf.get("eos_token_id"),
         )

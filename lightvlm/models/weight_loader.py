@@ -132,6 +132,20 @@ def load_weights(modules: dict[str, nn.Module], model_dir: str | Path, rename: R
                 raise CheckpointError(f"checkpoint {model_dir} is missing the tensor for {part}.{name}{what}")
 
 
+def build_part(part: str, constructor, model_dir: str | Path, rename: Rename, dtype: torch.dtype, device: str,
+               load_workers: int = 1, show_progress: bool = True) -> nn.Module:
+    """Build one half of a model ("visual" or "language") in `dtype` on `device` and load its weights."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            module = constructor()
+    finally:
+        torch.set_default_dtype(previous)
+    load_weights({part: module}, model_dir, rename, load_workers, show_progress)
+    return module.eval()
+
+
 def resolve_dtype(data_type: str | None, device: str, model_dir: str | Path) -> torch.dtype:
     """--data_type, or by default fp32 on the CPU and the checkpoint's own dtype on CUDA."""
     names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,

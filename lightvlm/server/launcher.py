@@ -45,7 +45,7 @@ class Interrupted(RuntimeError):
 
 
 def with_runtime(config: ServerConfig) -> ServerConfig:
-    visual = config.visual.dp * config.visual.tp if config.visual.enabled else 0
+    visual = config.visual.num_encoder_workers
     ports = free_ports(config.model.tp + visual + 1 + config.visual.dp)
     runtime = RuntimeConfig(
         instance=uuid.uuid4().hex[:8],
@@ -66,8 +66,7 @@ class Launcher:
         self.ctx = mp.get_context("spawn")
         self.children: list[tuple[str, mp.Process]] = []
         self.stopping = False
-        visual = config.visual.dp * config.visual.tp if config.visual.enabled else 0
-        self.cpu_table = CpuShare.create(config.runtime.cpu_share, config.model.tp + visual)
+        self.cpu_table = CpuShare.create(config.runtime.cpu_share, config.model.tp + config.visual.num_encoder_workers)
 
     def start_room(self, name: str, target, *args) -> tuple:
         reader, writer = self.ctx.Pipe(duplex=False)

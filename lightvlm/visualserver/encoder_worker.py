@@ -15,13 +15,13 @@ import torch
 from PIL import Image
 
 from lightvlm.common import shm
-from lightvlm.common.cpu_share import describe, threads_for, working
+from lightvlm.common.cpu_share import thread_policy, threads_for, working
 from lightvlm.common.distributed import init_tp_group
 from lightvlm.common.logging import get_logger
 from lightvlm.common.process import run_room
 from lightvlm.common.rpc import NoDelayService, serve
 from lightvlm.config import ServerConfig
-from lightvlm.engine.visual_encoder import VisualEncoder, to_storage
+from lightvlm.engine.visual_encoder import VisualEncoder, write_embeddings
 from lightvlm.io_struct import EncodeJob, EncodeResult
 from lightvlm.models.registry import LoadedCheckpoint
 from lightvlm.models.weight_loader import resolve_dtype
@@ -85,8 +85,7 @@ class EncoderService(NoDelayService):
         for job, rows in zip(jobs, embeds):
             segment = shm.attach(job.dst_shm)
             try:
-                array = to_storage(rows.to(self.store_dtype))
-                shm.write_array_header(segment.buf, array.shape, array.dtype)[...] = array
+                write_embeddings(segment.buf, rows.to(self.store_dtype))
             finally:
                 segment.close()
 
@@ -106,7 +105,7 @@ def start_encoder_process(config: ServerConfig, replica: int, rank: int, pipe) -
                                 show_progress=index == 0)
         processor = ckpt.make_processor()
         service = EncoderService(encoder, processor, dtype, is_writer=tp.is_first, cpu_share=share)
-        logger.info("encoder replica %d rank %d ready on %s, %s", replica, rank, device, describe(share))
+        logger.info("encoder replica %d rank %d ready on %s, %s", replica, rank, device, thread_policy(share))
         return lambda: serve(service, config.runtime.visual_ports[index])
 
     run_room(f"encoder{replica}.{rank}", pipe, config.log_level, start)

@@ -125,7 +125,7 @@ class VisualManager:
                     self.undo(req.req_id, pending.held, created)
                     return False
                 item = next(i for i in req.images if i.key == key)
-                self.jobs.append(EncodeJob(key, item.shm_name, item.num_bytes, self.prefix + "e" + key))
+                self.jobs.append(EncodeJob(key, item.shm_name, item.num_bytes, shm.embedding_segment(self.prefix, key)))
                 self.job_sources[key] = item.shm_name
                 created.append(key)
             pending.held.append(key)
@@ -241,11 +241,11 @@ class VisualManager:
     # -- shared memory -------------------------------------------------------------------------
 
     def _create_segment(self, key: str, nbytes: int) -> None:
-        self.segments[key] = shm.create(self.prefix + "e" + key, nbytes)
+        self.segments[key] = shm.create(shm.embedding_segment(self.prefix, key), nbytes)
 
     def _destroy_segment(self, key: str) -> None:
         self.segments.pop(key).close()
-        shm.unlink(self.prefix + "e" + key)
+        shm.unlink(shm.embedding_segment(self.prefix, key))
 
     def send_stats(self) -> None:
         cache = self.cache

@@ -73,9 +73,8 @@ def test_held_back_text_is_released_when_it_does_not_become_a_stop(tokenizer):
 def test_a_stop_string_completed_before_min_new_tokens_does_not_stop_later(tokenizer):
     ids = tokenizer("ab cd ab")["input_ids"]
     detokenizer = Detokenizer(tokenizer)
-    detokenizer.add(0, stop_sequences=["ab"])
-    pushes = [detokenizer.push(0, t, check_stop=i >= len(tokenizer("ab cd")["input_ids"]))
-              for i, t in enumerate(ids)]
+    detokenizer.add(0, stop_sequences=["ab"], min_new_tokens=len(tokenizer("ab cd")["input_ids"]))
+    pushes = [detokenizer.push(0, t) for t in ids]
     assert [stopped for _, stopped in pushes][-1] is True  # the second "ab" stops
     assert not any(stopped for _, stopped in pushes[:-1])
     assert "".join(text for text, _ in pushes) == "ab cd "

@@ -35,7 +35,7 @@ def room(tmp_path):
 
 
 def request(req_id, *keys):
-    items = tuple(ImageItem(key, f"nothing_{req_id}_{i}", 1, 8, 8, 10 * i, 4) for i, key in enumerate(keys))
+    items = tuple(ImageItem(key, f"nothing_{req_id}_{i}", 1, 10 * i, 4) for i, key in enumerate(keys))
     return GenerateReq(req_id, tuple(range(40)), SamplingParams(), items)
 
 

@@ -74,8 +74,6 @@ class InternVLProcessor(BaseProcessor):
         self.tile_size = size["height"]
         self.min_tiles = pre.get("min_patches", 1)
         self.max_tiles = pre.get("max_patches", 12)
-        # InternVLProcessor turns tiling on, whatever the image processor's own config says.
-        self.crop_to_patches = True
         self.resample = Image.Resampling(pre.get("resample", Image.Resampling.BICUBIC))
         self.rescale_factor = pre.get("rescale_factor", 1 / 255)
         self.image_mean = pre.get("image_mean", [0.485, 0.456, 0.406])
@@ -91,12 +89,13 @@ class InternVLProcessor(BaseProcessor):
 
     @property
     def settings(self) -> str:
-        return (f"internvl tile={self.tile_size} tiles={self.min_tiles}-{self.max_tiles} crop={self.crop_to_patches} "
+        return (f"internvl tile={self.tile_size} tiles={self.min_tiles}-{self.max_tiles} "
                 f"tokens={self.tokens_per_tile} resample={int(self.resample)} scale={self.rescale_factor} "
                 f"mean={self.image_mean} std={self.image_std}")
 
     def grid(self, width: int, height: int) -> tuple[int, int]:
-        if not self.crop_to_patches or self.max_tiles <= 1:
+        # Always tiled: transformers' InternVLProcessor turns crop_to_patches on whatever the configs say.
+        if self.max_tiles <= 1:
             return 1, 1
         return best_grid(width, height, self.tile_size, self.min_tiles, self.max_tiles)
 

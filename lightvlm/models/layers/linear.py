@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightvlm.common.distributed import SINGLE, TPGroup, divide
+from lightvlm.common.distributed import SINGLE, TPGroup, divide, kv_heads_per_rank
 
 
 def _attach_loader(param: nn.Parameter, loader) -> nn.Parameter:
@@ -78,12 +78,8 @@ class QKVParallelLinear(ColumnParallelLinear):
                  tp: TPGroup = SINGLE):
         self.head_dim = head_dim
         self.num_heads = divide(num_heads, tp.size, "number of attention heads")
-        if num_kv_heads >= tp.size:
-            self.num_kv_heads = divide(num_kv_heads, tp.size, "number of key/value heads")
-            self.kv_replicas = 1
-        else:
-            self.num_kv_heads = 1
-            self.kv_replicas = divide(tp.size, num_kv_heads, "tensor-parallel size over key/value heads")
+        self.num_kv_heads = kv_heads_per_rank(num_kv_heads, tp.size)
+        self.kv_replicas = max(1, tp.size // num_kv_heads)  # ranks sharing one KV head
         out_per_rank = (self.num_heads + 2 * self.num_kv_heads) * head_dim
         super().__init__(hidden, out_per_rank * tp.size, bias, tp)
         for param in self.parameters():

@@ -21,7 +21,6 @@ class DetokenizationManager:
     def __init__(self, config: ServerConfig):
         self.detokenizer = Detokenizer(AutoTokenizer.from_pretrained(config.model.model_dir))
         self.reqs: dict[int, DetokReq] = {}
-        self.num_outputs: dict[int, int] = {}
         context = zmq.Context.instance()
         self.inbox = Inbox(context, config.runtime.endpoint("detokenization"))
         self.to_http = Outbox(context, config.runtime.endpoint("httpserver"))
@@ -36,8 +35,8 @@ class DetokenizationManager:
             for message in self.inbox.receive(timeout_ms=500):
                 if isinstance(message, DetokReq):
                     self.reqs[message.req_id] = message
-                    self.num_outputs[message.req_id] = 0
-                    self.detokenizer.add(message.req_id, message.skip_special_tokens, message.stop_sequences)
+                    self.detokenizer.add(message.req_id, message.skip_special_tokens, message.stop_sequences,
+                                         message.min_new_tokens)
                 elif isinstance(message, TokenOut):
                     out = self.handle(message)
                     if out is not None:
@@ -52,8 +51,8 @@ class DetokenizationManager:
         if token.token_id is None:  # ended without a token: aborted or failed
             self.forget(token.req_id)
             return None
-        count = self.num_outputs[token.req_id] = self.num_outputs[token.req_id] + 1
-        text, stopped = self.detokenizer.push(token.req_id, token.token_id, count > req.min_new_tokens)
+        text, stopped = self.detokenizer.push(token.req_id, token.token_id)
+        count = len(self.detokenizer.states[token.req_id].ids)
         reason = token.finish_reason
         if stopped:
             if reason is None:  # the router still runs it
@@ -66,7 +65,6 @@ class DetokenizationManager:
 
     def forget(self, req_id: int) -> None:
         self.reqs.pop(req_id, None)
-        self.num_outputs.pop(req_id, None)
         self.detokenizer.remove(req_id)
 
 

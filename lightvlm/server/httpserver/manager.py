@@ -10,7 +10,7 @@ import itertools
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import zmq
 import zmq.asyncio
@@ -81,8 +81,7 @@ class HttpServerManager:
         self.metrics = Metrics()
         self.added_tokens = dict(self.processor.tokenizer.get_added_vocab())
         self.states: dict[int, RequestState] = {}
-        self.room_stats: dict[str, dict[str, float]] = {}
-        self.room_reports: dict[str, RoomStats] = {}
+        self.room_reports: dict[str, RoomStats] = {}  # each room's latest, also its heartbeat
         self.room_seen: dict[str, float] = {}
         self.ids = itertools.count(1)
         self.context = zmq.asyncio.Context()
@@ -118,7 +117,8 @@ class HttpServerManager:
         return [r for r in self.expected_rooms if now - self.room_seen.get(r, -HEARTBEAT_TIMEOUT) > HEARTBEAT_TIMEOUT]
 
     def stat(self, room: str, name: str, default: float = 0) -> float:
-        return self.room_stats.get(room, {}).get(name, default)
+        report = self.room_reports.get(room)
+        return next((value for key, value in report.values if key == name), default) if report else default
 
     # -- preparing a request -------------------------------------------------------------------
 
@@ -160,14 +160,9 @@ class HttpServerManager:
     def stop_tokens_by_name(self, params: SamplingParams) -> SamplingParams:
         """A stop sequence that names a special token (LightLLM clients write " <|im_end|>", with a
         leading space) becomes a stop token id: special tokens never reach the text to be matched."""
-        strings = []
-        for stop in params.stop_sequences:
-            if stop.strip() in self.added_tokens:
-                params.stop_token_ids.append(self.added_tokens[stop.strip()])
-            else:
-                strings.append(stop)
-        params.stop_sequences = strings
-        return params
+        names = [stop for stop in params.stop_sequences if stop.strip() in self.added_tokens]
+        return replace(params, stop_sequences=[stop for stop in params.stop_sequences if stop not in names],
+                       stop_token_ids=[*params.stop_token_ids, *(self.added_tokens[n.strip()] for n in names)])
 
     def check_length(self, prepared: Prepared, params: SamplingParams, max_new_explicit: bool) -> SamplingParams:
         """Prompt + max_new_tokens must fit --max_req_total_len; without an explicit max, use the rest."""
@@ -176,13 +171,11 @@ class HttpServerManager:
         if room < 1:
             raise ClientError(f"the prompt has {len(prepared.prompt_ids)} tokens (image tokens included); "
                               f"the limit for prompt + output is {limit} (--max_req_total_len)")
-        if not max_new_explicit:
-            params.max_new_tokens = room
-        elif params.max_new_tokens > room:
+        if max_new_explicit and params.max_new_tokens > room:
             raise ClientError(f"prompt ({len(prepared.prompt_ids)} tokens) + max_new_tokens "
                               f"({params.max_new_tokens}) exceeds the limit of {limit} (--max_req_total_len)")
-        params.min_new_tokens = min(params.min_new_tokens, params.max_new_tokens)
-        return params
+        max_new = params.max_new_tokens if max_new_explicit else room
+        return replace(params, max_new_tokens=max_new, min_new_tokens=min(params.min_new_tokens, max_new))
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -198,8 +191,7 @@ class HttpServerManager:
                 name = f"{self.config.runtime.shm_prefix}b{state.req_id}_{i}"
                 state.shm_names.append(name)
                 await self._run(shm.write_bytes, name, image.data)
-                items.append(ImageItem(image.key, name, len(image.data), image.width, image.height, span.offset,
-                                       span.length))
+                items.append(ImageItem(image.key, name, len(image.data), span.offset, span.length))
             await self.outbox.send_pyobj(GenerateReq(state.req_id, tuple(prepared.prompt_ids), params, tuple(items)))
         except BaseException:  # cancelled (client gone) before the hand-over: nothing left behind
             self.states.pop(state.req_id, None)
@@ -221,6 +213,14 @@ class HttpServerManager:
                 await self.abort(state)
             raise
         return states
+
+    async def collect_all(self, states: list[RequestState], collect) -> list:
+        """collect(state) for every choice at once; if one fails or the client leaves, abort the rest."""
+        try:
+            return await gather_or_cancel(collect(state) for state in states)
+        finally:
+            for state in states:
+                await self.abort(state)
 
     async def stream(self, state: RequestState) -> AsyncIterator[TextOut]:
         """TextOut pieces until the request finishes; raises RequestFailed on a room's error."""
@@ -256,7 +256,6 @@ class HttpServerManager:
             message = await self.inbox.recv_pyobj()
             for item in message if isinstance(message, list) else [message]:
                 if isinstance(item, RoomStats):
-                    self.room_stats[item.room] = dict(item.values)
                     self.room_reports[item.room] = item
                     self.room_seen[item.room] = time.monotonic()
                 elif (state := self.states.get(item.req_id)) is not None:

@@ -11,13 +11,12 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from lightvlm.sampling_params import SamplingParams
+from lightvlm.sampling_params import MAX_CHOICES, SamplingParams
 from lightvlm.server.httpserver.manager import (
     ClientError,
     HttpServerManager,
     RequestFailed,
     RequestState,
-    gather_or_cancel,
 )
 
 STRICT = ConfigDict(extra="forbid", strict=True)
@@ -71,11 +70,10 @@ class NativeParameters(BaseModel):
 
     def to_sampling_params(self, defaults: dict) -> SamplingParams:
         stops = [self.stop_sequences] if isinstance(self.stop_sequences, str) else list(self.stop_sequences or [])
-        pick = {name: defaults[name] if getattr(self, name) is None else getattr(self, name) for name in defaults}
-        return SamplingParams(
-            max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens, do_sample=self.do_sample,
-            temperature=pick["temperature"], top_p=pick["top_p"], top_k=pick["top_k"], min_p=pick["min_p"],
-            repetition_penalty=pick["repetition_penalty"], presence_penalty=self.presence_penalty,
+        return SamplingParams.build(
+            defaults, max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens, do_sample=self.do_sample,
+            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, seed=self.seed, ignore_eos=self.ignore_eos,
             stop_sequences=stops, stop_token_ids=list(self.stop_token_ids),
             skip_special_tokens=self.skip_special_tokens, logprobs=self.return_details,
@@ -110,10 +108,10 @@ def parse(model: type[BaseModel], data: Any) -> BaseModel:
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        raise ClientError(describe(e)) from None
+        raise ClientError(validation_message(e)) from None
 
 
-def describe(error: ValidationError) -> str:
+def validation_message(error: ValidationError) -> str:
     """One line per problem, naming the field: 'unknown parameter', 'wrong type', and so on."""
     problems = []
     for item in error.errors():
@@ -125,9 +123,6 @@ def describe(error: ValidationError) -> str:
         else:
             problems.append(f"'{where}': {item['msg']} (got {item.get('input')!r:.60})")
     return "; ".join(problems)
-
-
-MAX_CHOICES = 16
 
 
 def sampling_params(parameters: NativeParameters, defaults: dict) -> SamplingParams:
@@ -171,12 +166,8 @@ class NativeAPI:
     async def generate(self, request: web.Request) -> web.Response:
         req, prepared, params = await self.prepare(request)
         count = max(req.parameters.n, req.parameters.best_of)
-        states = await self.manager.submit_many(prepared, [self._seeded(params, i) for i in range(count)])
-        try:
-            results = await gather_or_cancel(self.collect(s) for s in states)
-        finally:  # one choice failed or the client left: stop the others too
-            for state in states:
-                await self.manager.abort(state)
+        states = await self.manager.submit_many(prepared, [params.for_choice(i) for i in range(count)])
+        results = await self.manager.collect_all(states, self.collect)
         body = {
             "generated_text": [text for text, _, _ in results],
             "count_output_tokens": sum(len(tokens) for _, tokens, _ in results),
@@ -186,14 +177,6 @@ class NativeAPI:
         if req.parameters.return_details:
             body["tokens"] = results[0][1]
         return web.json_response(body)
-
-    @staticmethod
-    def _seeded(params: SamplingParams, index: int) -> SamplingParams:
-        if index == 0:
-            return params
-        copy = SamplingParams(**vars(params))
-        copy.seed = None if params.seed is None else params.seed + index
-        return copy
 
     async def collect(self, state: RequestState) -> tuple[str, list[dict], str]:
         text, tokens, reason = [], [], None

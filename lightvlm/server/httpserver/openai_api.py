@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from lightvlm.io_struct import TextOut, TokenLogprob
 from lightvlm.models.processor import PromptError, split_messages
-from lightvlm.sampling_params import MAX_INT32, SamplingParams
+from lightvlm.sampling_params import MAX_CHOICES, MAX_INT32, SamplingParams
 from lightvlm.server.httpserver.manager import ClientError, HttpServerManager, Prepared, gather_or_cancel
 from lightvlm.server.httpserver.native_api import parse, read_json
 
@@ -58,8 +58,8 @@ class SamplingFields(BaseModel):
     @field_validator("n")
     @classmethod
     def check_n(cls, n: int) -> int:
-        if not 1 <= n <= 16:
-            raise ValueError("n must be between 1 and 16")
+        if not 1 <= n <= MAX_CHOICES:
+            raise ValueError(f"n must be between 1 and {MAX_CHOICES}")
         return n
 
     def max_new_tokens(self) -> int | None:
@@ -68,12 +68,11 @@ class SamplingFields(BaseModel):
     def sampling_params(self, logprobs: bool, top_logprobs: int, defaults: dict) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         explicit = self.max_new_tokens()
-        pick = {name: defaults[name] if getattr(self, name) is None else getattr(self, name) for name in defaults}
-        params = SamplingParams(  # without max_tokens, check_length gives the rest of the context
-            max_new_tokens=explicit if explicit is not None else MAX_INT32, min_new_tokens=self.min_tokens,
-            do_sample=pick["temperature"] > 0, temperature=pick["temperature"], top_p=pick["top_p"],
-            top_k=pick["top_k"], min_p=pick["min_p"], repetition_penalty=pick["repetition_penalty"],
-            presence_penalty=self.presence_penalty,
+        temperature = defaults["temperature"] if self.temperature is None else self.temperature
+        params = SamplingParams.build(  # without max_tokens, check_length gives the rest of the context
+            defaults, max_new_tokens=explicit if explicit is not None else MAX_INT32, min_new_tokens=self.min_tokens,
+            do_sample=temperature > 0, temperature=temperature, top_p=self.top_p, top_k=self.top_k,
+            min_p=self.min_p, repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, seed=self.seed, ignore_eos=self.ignore_eos,
             stop_sequences=stop, stop_token_ids=list(self.stop_token_ids),
             skip_special_tokens=self.skip_special_tokens, logprobs=logprobs, top_logprobs=top_logprobs)
@@ -159,7 +158,7 @@ class OpenAIAPI:
                 prepared = await self.manager.prepare_text(prompt, [])
             else:
                 prepared = self.manager.prepare_ids(prompt)
-            checked = self.manager.check_length(prepared, SamplingParams(**vars(params)),
+            checked = self.manager.check_length(prepared, params,
                                                 max_new_explicit=req.max_new_tokens() is not None)
             echo = (prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)) if req.echo else ""
             runs.append(Completion(self, request, prepared, checked, req.n, kind="text", echo=echo))
@@ -207,23 +206,11 @@ class Completion:
         self.created = now()
         self.object = "chat.completion" if kind == "chat" else "text_completion"
 
-    def choice_params(self, index: int) -> SamplingParams:
-        if index == 0:
-            return self.params
-        params = SamplingParams(**vars(self.params))
-        params.seed = None if self.params.seed is None else self.params.seed + index
-        return params
-
     async def submit_all(self):
-        return await self.api.manager.submit_many(self.prepared, [self.choice_params(i) for i in range(self.n)])
+        return await self.api.manager.submit_many(self.prepared, [self.params.for_choice(i) for i in range(self.n)])
 
     async def collect(self) -> dict:
-        states = await self.submit_all()
-        try:
-            results = await gather_or_cancel(self._collect_one(s) for s in states)
-        finally:  # one choice failed or the client left: stop the others too
-            for state in states:
-                await self.api.manager.abort(state)
+        results = await self.api.manager.collect_all(await self.submit_all(), self._collect_one)
         choices = []
         for index, (outs, text) in enumerate(results):
             reason = outs[-1].finish_reason if outs else "stop"

@@ -37,12 +37,10 @@ class RouterManager:
     def __init__(self, config: ServerConfig, workers: ModelWorkers):
         self.config = config
         self.workers = workers
-        self.num_slots = workers.num_slots()
-        self.scheduler = Scheduler(SchedulerConfig(max_total_token_num=self.num_slots,
+        self.scheduler = Scheduler(SchedulerConfig(max_total_token_num=workers.num_slots(),
                                                    batch_max_tokens=config.router.batch_max_tokens,
                                                    running_max_req_size=config.router.running_max_req_size))
         self.eos_token_ids = frozenset(config.model.eos_token_ids)
-        self.reqs: dict[int, Req] = {}
         context = zmq.Context.instance()
         runtime = config.runtime
         self.inbox = Inbox(context, runtime.endpoint("router"))
@@ -68,10 +66,10 @@ class RouterManager:
         for message in self.inbox.receive(timeout_ms):
             if isinstance(message, GenerateReq):
                 self.add(message)
-            elif isinstance(message, AbortReq):
-                self.end(message.req_id, ReqStatus.FINISHED_ABORTED, notify="abort")
-            elif isinstance(message, StopReq):
-                self.end(message.req_id, ReqStatus.FINISHED_STOPPED, notify=None)
+            elif isinstance(message, AbortReq) and (req := self.scheduler.reqs.get(message.req_id)):
+                self.retire(req, ReqStatus.FINISHED_ABORTED, tell_detokenization=True)
+            elif isinstance(message, StopReq) and (req := self.scheduler.reqs.get(message.req_id)):
+                self.retire(req, ReqStatus.FINISHED_STOPPED)  # detokenization ended it itself
 
     def add(self, message: GenerateReq) -> None:
         images = tuple(ImageRef(i.key, i.offset, i.length) for i in message.images)
@@ -83,20 +81,19 @@ class RouterManager:
             self.to_http.send(ReqError(req.req_id, 400, str(e)))
             self.release_images(req)
             return
-        self.reqs[req.req_id] = req
         params = message.sampling
-        self.to_detokenization.send(DetokReq(req.req_id, req.num_prompt_tokens, params.skip_special_tokens,
+        self.to_detokenization.send(DetokReq(req.req_id, params.skip_special_tokens,
                                              tuple(params.stop_sequences), params.min_new_tokens))
 
-    def end(self, req_id: int, status: ReqStatus, notify: str | None) -> None:
-        """Abort (client gone) or stop (a stop string matched): free everything the request holds."""
-        req = self.reqs.pop(req_id, None)
-        if req is None:
-            return
+    def retire(self, req: Req, status: ReqStatus, tell_detokenization: bool = False, error: str | None = None):
+        """End a request from outside the step (aborted, stopped, failed): free its KV slots and images."""
         self.scheduler.finish(req, status)
         self.release_images(req)
-        if notify:
-            self.to_detokenization.send(TokenOut(req_id, None, finish_reason=notify))
+        if error is not None:
+            logger.error("request %d failed in the model step: %s", req.req_id, error)
+            self.to_http.send(ReqError(req.req_id, 500, f"the model worker failed on this request: {error}"))
+        if tell_detokenization:
+            self.to_detokenization.send(TokenOut(req.req_id, None, finish_reason="abort"))
 
     def release_images(self, req: Req) -> None:
         """One release per distinct image: the visualserver took one reference per key."""
@@ -121,38 +118,27 @@ class RouterManager:
                                                                     for item in batch.items))
         self.num_steps += 1
         for req_id, error in out.failed:
-            self.fail(req_id, error)
+            if req := self.scheduler.reqs.get(req_id):
+                self.retire(req, ReqStatus.FINISHED_ABORTED, tell_detokenization=True, error=error)
         sampled = dict(zip(out.req_ids, out.token_ids))
         logprobs = dict(zip(out.req_ids, out.logprobs)) if out.logprobs else {}
-        finished = {req.req_id for req in self.scheduler.update(batch, sampled)}
+        finished = {req.req_id: req for req in self.scheduler.update(batch, sampled)}
         outputs = []
         for req_id, token in sampled.items():
-            req = self.reqs.get(req_id)
-            if req is None:
+            req = finished.get(req_id) or self.scheduler.reqs.get(req_id)
+            if req is None:  # failed in this step
                 continue
-            reason = req.status.finish_reason if req_id in finished else None
-            outputs.append(TokenOut(req_id, token, logprobs.get(req_id), reason))
-            if reason:
-                del self.reqs[req_id]
-                self.release_images(req)
+            outputs.append(TokenOut(req_id, token, logprobs.get(req_id), req.status.finish_reason))
+        for req in finished.values():
+            self.release_images(req)
         if outputs:
             self.to_detokenization.send(outputs)
-
-    def fail(self, req_id: int, error: str) -> None:
-        req = self.reqs.pop(req_id, None)
-        if req is None:
-            return
-        logger.error("request %d failed in the model step: %s", req_id, error)
-        self.scheduler.finish(req, ReqStatus.FINISHED_ABORTED)
-        self.release_images(req)
-        self.to_http.send(ReqError(req_id, 500, f"the model worker failed on this request: {error}"))
-        self.to_detokenization.send(TokenOut(req_id, None, finish_reason="abort"))
 
     def send_stats(self) -> None:
         allocator = self.scheduler.allocator
         values = (("running_requests", len(self.scheduler.running)), ("waiting_requests", len(self.scheduler.waiting)),
                   ("kv_slots_used", allocator.num_used), ("kv_slots_free", allocator.num_free),
-                  ("kv_slots_total", self.num_slots), ("steps_total", self.num_steps),
+                  ("kv_slots_total", allocator.num_slots), ("steps_total", self.num_steps),
                   ("failed_steps_total", self.num_failed_steps))
         if self.stats_timer.due(values):  # at most ten times a second
             self.to_http.send(RoomStats("router", values, (self.queue_time.snapshot(),)))
@@ -161,7 +147,7 @@ class RouterManager:
 def start_router_process(config: ServerConfig, pipe) -> None:
     def start():
         manager = RouterManager(config, ModelWorkers(list(config.runtime.worker_ports)))
-        logger.info("router ready: %d KV slots", manager.num_slots)
+        logger.info("router ready: %d KV slots", manager.scheduler.allocator.num_slots)
         return manager.loop
 
     run_room("router", pipe, config.log_level, start)

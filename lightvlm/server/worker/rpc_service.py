@@ -8,18 +8,18 @@ from the visualserver's shared-memory cache, attached while a request that uses 
 import os
 import pickle
 
-import numpy as np
 import torch
 
 from lightvlm.common import shm
-from lightvlm.common.cpu_share import describe, threads_for, working
-from lightvlm.common.distributed import init_tp_group
+from lightvlm.common.cpu_share import thread_policy, threads_for, working
+from lightvlm.common.distributed import init_tp_group, kv_heads_per_rank
 from lightvlm.common.logging import get_logger
 from lightvlm.common.process import run_room
 from lightvlm.common.rpc import NoDelayService, serve
 from lightvlm.config import ServerConfig
 from lightvlm.engine.infer_state import KVCache
 from lightvlm.engine.model_runner import ModelRunner, RunnerConfig
+from lightvlm.engine.visual_encoder import read_embeddings
 from lightvlm.models.registry import LoadedCheckpoint
 from lightvlm.models.weight_loader import resolve_dtype
 
@@ -42,12 +42,8 @@ class ShmImageStore:
             segment, tensor, holders = self.segments[key]
             self.segments[key] = (segment, tensor, holders + 1)
             return
-        segment = shm.attach(self.prefix + "e" + key)
-        array = shm.read_array(segment.buf)
-        tensor = torch.from_numpy(array)
-        if array.dtype == np.uint16:
-            tensor = tensor.view(torch.bfloat16)
-        self.segments[key] = (segment, tensor, 1)
+        segment = shm.attach(shm.embedding_segment(self.prefix, key))
+        self.segments[key] = (segment, read_embeddings(segment.buf), 1)
 
     def drop(self, key: str) -> None:
         segment, tensor, holders = self.segments[key]
@@ -117,9 +113,8 @@ def start_worker_process(config: ServerConfig, rank: int, pipe) -> None:
         ckpt = LoadedCheckpoint.open(config.model.model_dir)
         dtype = resolve_dtype(config.model.data_type, device.type, config.model.model_dir)
         text = ckpt.config.text
-        kv_heads_per_rank = max(1, text.num_kv_heads // config.model.tp)
-        # Plan with the weights loaded on CUDA (free memory is what is left); on CPU the order is moot.
-        per_token = KVCache.bytes_per_token(text.num_layers, kv_heads_per_rank, text.head_dim, dtype)
+        kv_heads = kv_heads_per_rank(text.num_kv_heads, config.model.tp)
+        per_token = KVCache.bytes_per_token(text.num_layers, kv_heads, text.head_dim, dtype)
         num_slots = plan_kv_slots(config, per_token, device)
         if tp.size > 1:  # every rank must agree on the pool size
             agreed = torch.tensor([num_slots])
@@ -135,7 +130,7 @@ def start_worker_process(config: ServerConfig, rank: int, pipe) -> None:
         store = ShmImageStore(config.runtime.shm_prefix)
         runner = ModelRunner(ckpt, runner_config, store, tp=tp, show_progress=rank == 0)
         logger.info("rank %d/%d ready: %d KV slots, %s on %s, %s", rank, tp.size, num_slots, dtype, device,
-                    describe(share))
+                    thread_policy(share))
         service = ModelWorkerService(runner, num_slots, share)
         return lambda: serve(service, config.runtime.worker_ports[rank])
 
