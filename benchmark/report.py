@@ -51,19 +51,9 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=90)
 
 
-def write_report(results: dict, markdown: Path, png: Path, analysis: Path) -> None:
-    plot(results, png)
-    w1, w2, w3, w5 = results["W1"], results["W2"], results["W3"], results["W5"]
+def header(results: dict) -> list[str]:
     hf_size, hf_w1 = best_hf(results)
-    ceiling = {int(k): v for k, v in results["ceiling"].items()}[64]
-    hf_w2, hf_w5 = results["hf_W2"], results["hf_W5"]
-    idle, loaded = results["W4_idle"], results["W4_loaded"]
-    ratio_hf = w1["output_tokens_per_s"] / hf_w1["output_tokens_per_s"]
-    ratio_ceiling = w1["output_tokens_per_s"] / ceiling["output_tokens_per_s"]
-    decode_rate = 64 / w1["tpot_s"]["p50"]
-    hit_ratio = w3["ttft_hit_mean_s"] / w3["ttft_miss_mean_s"]
-    probe_ratio = loaded["tpot_s"]["p99"] / idle["tpot_s"]["p99"]
-    lines = [
+    return [
         "# Performance",
         "",
         "Measured by `make bench` (benchmark/run_all.py) in one run: lightvlm and the baselines on the same",
@@ -73,14 +63,28 @@ def write_report(results: dict, markdown: Path, png: Path, analysis: Path) -> No
         "- Checkpoint: the `small` random-weight demo (about 27M parameters; InternViT with 448-pixel tiles and",
         "  256 tokens per tile; a 6-layer Qwen2-style LLM). fp32. Generation ignores EOS so every request",
         "  produces exactly its output length.",
-        f"- Server: `python {results['server_command']}` (defaults otherwise: one torch thread per compute",
-        "  process on this machine).",
+        f"- Server: `python {results['server_command']}` (defaults otherwise: the compute processes share",
+        "  the cores among those busy at each step).",
         "- Load: `python -m benchmark.serve` (OpenAI chat API, streaming). Baseline: `python -m",
         "  benchmark.hf_baseline` (transformers `generate()`), ceiling: `python -m benchmark.engine_ceiling`.",
-        f"- Whole run: {results['minutes']:.1f} minutes. W1 ran twice on each side and the better run counts "
-        f"(lightvlm {runs(w1)}, transformers batch {hf_size} {runs(hf_w1)} tok/s): this machine is shared and "
-        "the same run varies by several percent.",
-        "",
+        f"- Whole run: {results['minutes']:.1f} minutes. W1 ran twice on each side (with other images the second "
+        f"time) and the better run counts (lightvlm {runs(results['W1'])}, transformers batch {hf_size} "
+        f"{runs(hf_w1)} tok/s): this machine is shared and the same run varies by several percent.",
+    ]
+
+
+def targets(results: dict) -> list[str]:
+    w1, w2, w3, w5 = results["W1"], results["W2"], results["W3"], results["W5"]
+    hf_size, hf_w1 = best_hf(results)
+    ceiling = {int(k): v for k, v in results["ceiling"].items()}[64]
+    hf_w2, hf_w5 = results["hf_W2"], results["hf_W5"]
+    idle, loaded = results["W4_idle"], results["W4_loaded"]
+    ratio_hf = w1["output_tokens_per_s"] / hf_w1["output_tokens_per_s"]
+    ratio_ceiling = w1["output_tokens_per_s"] / ceiling["output_tokens_per_s"]
+    hit_ratio = w3["ttft_hit_mean_s"] / w3["ttft_miss_mean_s"]
+    probe_ratio = loaded["tpot_s"]["p99"] / idle["tpot_s"]["p99"]
+    w2_met = w2["ttft_s"]["p50"] <= hf_w2["ttft_s"]["p50"] and w2["tpot_s"]["p50"] <= hf_w2["tpot_s"]["p50"]
+    return [
         "## Targets",
         "",
         "| workload | target | measured | |",
@@ -93,7 +97,7 @@ def write_report(results: dict, markdown: Path, png: Path, analysis: Path) -> No
         f"{verdict(ratio_ceiling >= 0.8)} |",
         f"| W2 single stream | TTFT and TPOT no worse than transformers | TTFT {ms(w2['ttft_s']['p50'])} vs "
         f"{ms(hf_w2['ttft_s']['p50'])} ms, TPOT {ms(w2['tpot_s']['p50'])} vs {ms(hf_w2['tpot_s']['p50'])} ms | "
-        f"{verdict(w2['ttft_s']['p50'] <= hf_w2['ttft_s']['p50'] and w2['tpot_s']['p50'] <= hf_w2['tpot_s']['p50'])} |",
+        f"{verdict(w2_met)} |",
         f"| W3 repeated images | TTFT on a hit <= 0.5x a miss | {hit_ratio:.2f}x ({ms(w3['ttft_hit_mean_s'])} vs "
         f"{ms(w3['ttft_miss_mean_s'])} ms) | {verdict(hit_ratio <= 0.5)} |",
         f"| W4 interference | probes' p99 TPOT <= 2x idle | {probe_ratio:.2f}x ({ms(loaded['tpot_s']['p99'])} vs "
@@ -101,13 +105,13 @@ def write_report(results: dict, markdown: Path, png: Path, analysis: Path) -> No
         f"| W5 multi-turn | report | {w5['requests_per_s']:.2f} vs {hf_w5['requests_per_s']:.2f} req/s "
         f"({w5['requests_per_s'] / hf_w5['requests_per_s']:.2f}x); TTFT p50 {ms(w5['ttft_s']['p50'])} vs "
         f"{ms(hf_w5['ttft_s']['p50'])} ms | |",
-        "",
-        "## lightvlm, per workload",
-        "",
-        "| workload | req/s | output tok/s | TTFT p50 / p90 / p99 (ms) | TPOT p50 / p99 (ms) | ITL p50 / p99 (ms) "
-        "| E2E p50 (ms) |",
-        "|---|---|---|---|---|---|---|",
     ]
+
+
+def lightvlm_table(results: dict) -> list[str]:
+    lines = ["## lightvlm, per workload", "",
+             "| workload | req/s | output tok/s | TTFT p50 / p90 / p99 (ms) | TPOT p50 / p99 (ms) | ITL p50 / p99 (ms) "
+             "| E2E p50 (ms) |", "|---|---|---|---|---|---|---|"]
     for name, label in (("W1", "W1 (c=64)"), ("W2", "W2 (c=1)"), ("W3", "W3 (c=4, half repeated)"),
                         ("W4_idle", "W4 probes, idle"), ("W4_loaded", "W4 probes, under image load"),
                         ("W5", "W5 multi-turn (c=8)")):
@@ -116,16 +120,17 @@ def write_report(results: dict, markdown: Path, png: Path, analysis: Path) -> No
                      f"{ms(s['ttft_s']['p50'])} / {ms(s['ttft_s']['p90'])} / {ms(s['ttft_s']['p99'])} | "
                      f"{ms(s['tpot_s']['p50'])} / {ms(s['tpot_s']['p99'])} | {ms(s['itl_s']['p50'])} / "
                      f"{ms(s['itl_s']['p99'])} | {ms(s['e2e_s']['p50'])} |")
-    lines += [
-        "",
-        f"W1's decode phase runs at about {decode_rate:.0f} tokens/s (64 / TPOT p50); the engine alone decodes "
-        f"{ceiling['decode_tokens_per_s']:.0f} tokens/s at batch 64 with every core.",
-        "",
-        "## transformers on the same requests",
-        "",
-        "| run | req/s | output tok/s | TTFT p50 (ms) | TPOT p50 (ms) |",
-        "|---|---|---|---|---|",
-    ]
+    ceiling = {int(k): v for k, v in results["ceiling"].items()}[64]
+    decode_rate = 64 / results["W1"]["tpot_s"]["p50"]
+    lines += ["", f"W1's decode phase runs at about {decode_rate:.0f} tokens/s (64 / TPOT p50); the engine alone "
+              f"decodes {ceiling['decode_tokens_per_s']:.0f} tokens/s at batch 64 with every core."]
+    return lines
+
+
+def baseline_tables(results: dict) -> list[str]:
+    hf_w2, hf_w5 = results["hf_W2"], results["hf_W5"]
+    lines = ["## transformers on the same requests", "",
+             "| run | req/s | output tok/s | TTFT p50 (ms) | TPOT p50 (ms) |", "|---|---|---|---|---|"]
     for size, s in sorted(results["hf_W1"].items(), key=lambda kv: int(kv[0])):
         lines.append(f"| W1, static batch {size} | {s['requests_per_s']:.2f} | {s['output_tokens_per_s']:.0f} | "
                      f"{ms(s['ttft_s']['p50'])} | {ms(s['tpot_s']['p50'])} |")
@@ -138,14 +143,25 @@ def write_report(results: dict, markdown: Path, png: Path, analysis: Path) -> No
     for size, row in sorted(results["ceiling"].items(), key=lambda kv: int(kv[0])):
         lines.append(f"| {size} | {row['decode_step_ms']:.1f} | {row['decode_tokens_per_s']:.0f} | "
                      f"{row['output_tokens_per_s']:.0f} |")
-    lines += ["", "## Throughput and TTFT against concurrency", "", "![throughput and TTFT](performance.png)", "",
-              "| concurrency | requests | output tok/s | TTFT p50 (ms) | TTFT p99 (ms) |", "|---|---|---|---|---|"]
+    return lines
+
+
+def sweep_table(results: dict) -> list[str]:
+    lines = ["## Throughput and TTFT against concurrency", "", "![throughput and TTFT](performance.png)", "",
+             "| concurrency | requests | output tok/s | TTFT p50 (ms) | TTFT p99 (ms) |", "|---|---|---|---|---|"]
     for concurrency, s in sorted(results["sweep"].items(), key=lambda kv: int(kv[0])):
         lines.append(f"| {concurrency} | {s['requests']} | {s['output_tokens_per_s']:.0f} | "
                      f"{ms(s['ttft_s']['p50'])} | {ms(s['ttft_s']['p99'])} |")
+    return lines
+
+
+def write_report(results: dict, markdown: Path, png: Path, analysis: Path) -> None:
+    plot(results, png)
+    sections = [header(results), targets(results), lightvlm_table(results), baseline_tables(results),
+                sweep_table(results)]
     if analysis.exists():
-        lines += ["", analysis.read_text().strip()]
-    markdown.write_text("\n".join(lines) + "\n")
+        sections.append([analysis.read_text().strip()])
+    markdown.write_text("\n\n".join("\n".join(section) for section in sections) + "\n")
 
 
 if __name__ == "__main__":  # rebuild the report from a saved run: python -m benchmark.report bench_out/results.json

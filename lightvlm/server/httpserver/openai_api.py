@@ -205,6 +205,7 @@ class Completion:
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         self.created = now()
         self.object = "chat.completion" if kind == "chat" else "text_completion"
+        self.chunk_object = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
     async def submit_all(self):
         return await self.api.manager.submit_many(self.prepared, [self.params.for_choice(i) for i in range(self.n)])
@@ -254,11 +255,9 @@ class Completion:
               text: str | None = None) -> dict:
         if self.kind == "chat":
             choice = {"index": index, "delta": delta or {}, "logprobs": logprobs, "finish_reason": reason}
-            obj = "chat.completion.chunk"
         else:
             choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": reason}
-            obj = "text_completion"
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.api.model_name,
+        return {"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.api.model_name,
                 "choices": [choice]}
 
     async def stream(self, include_usage: bool) -> web.StreamResponse:
@@ -290,7 +289,7 @@ class Completion:
                     break
                 item = await queue.get()
             if include_usage:
-                body = {"id": self.id, "object": self.chunk(0)["object"], "created": self.created,
+                body = {"id": self.id, "object": self.chunk_object, "created": self.created,
                         "model": self.api.model_name, "choices": [],
                         "usage": usage(len(self.prepared.prompt_ids), completion_tokens)}
                 await self.send(response, body)
