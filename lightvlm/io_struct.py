@@ -31,6 +31,12 @@ class ReqInit:
     images: tuple[ImageRef, ...] = ()
 
 
+# An input token the router cannot know yet: the one the previous step is sampling for that request.
+# The router schedules the next step while the workers run this one; each rank fills it in from its
+# own record of what it sampled last (see ModelRunner.fill_pending).
+PENDING_TOKEN = -1
+
+
 @dataclass(frozen=True)
 class StepInput:
     """Written by the router, read by every worker rank. Only the diff: new requests in full, then for
@@ -39,7 +45,7 @@ class StepInput:
 
     req_ids: tuple[int, ...]
     num_new_tokens: tuple[int, ...]
-    input_ids: tuple[int, ...]  # the new tokens of every request, flattened
+    input_ids: tuple[int, ...]  # the new tokens of every request, flattened (may hold PENDING_TOKEN)
     new_slots: tuple[int, ...]  # one KV slot per new token
     samples: tuple[bool, ...]  # does the request sample a token after this step
     new_reqs: tuple[ReqInit, ...] = ()

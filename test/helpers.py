@@ -15,3 +15,16 @@ def load_image(name: str) -> Image.Image:
 
 def image_bytes(name: str) -> bytes:
     return (IMAGES / name).read_bytes()
+
+
+def drive(scheduler, run_step, lookahead: bool = False) -> None:
+    """The router's loop in one process until every request finishes. `run_step(batch)` runs a step and
+    returns its {req id: token}. With `lookahead`, each step is scheduled and run before the tokens of
+    the one before it are recorded, as the router does while the workers run a step."""
+    in_flight = []
+    while scheduler.has_unfinished or in_flight:
+        batch = scheduler.schedule()
+        if batch is not None:
+            in_flight.append((batch, run_step(batch)))
+        if in_flight and (len(in_flight) > lookahead or batch is None):
+            scheduler.update(*in_flight.pop(0))

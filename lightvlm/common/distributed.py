@@ -1,4 +1,4 @@
-"""Tensor-parallel groups: who am I, how many of us, and the two collectives the layers need.
+"""Tensor-parallel groups: who am I, how many of us, and the collectives the layers and runner need.
 
 Layers receive a `TPGroup` in their constructor instead of reading a global, so the same process can
 hold an unsharded model (the offline pipeline, tp=1) next to nothing else, and the vision encoder and
@@ -24,6 +24,12 @@ class TPGroup:
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.size > 1:
             dist.all_reduce(x, group=self.group)
+        return x
+
+    def broadcast(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank 0's `x` on every rank."""
+        if self.size > 1:
+            dist.broadcast(x, src=0, group=self.group)
         return x
 
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:

@@ -9,6 +9,7 @@ import logging
 import pickle
 import socket
 import time
+from collections.abc import Callable
 
 import rpyc
 from rpyc.core.stream import SocketStream
@@ -49,8 +50,13 @@ class WorkerGroup:
 
     def call(self, method: str, *args) -> list:
         """Call `exposed_<method>(*args)` on all ranks concurrently; returns each rank's unpickled result."""
+        return self.start(method, *args)()
+
+    def start(self, method: str, *args) -> Callable[[], list]:
+        """Send the call now, collect the results later (calling the returned function waits for them).
+        Each rank serves its connection's calls one after another, in the order they were sent."""
         pending = [rpyc.async_(getattr(conn.root, method))(*args) for conn in self.conns]
-        return [pickle.loads(result.value) for result in pending]
+        return lambda: [pickle.loads(result.value) for result in pending]
 
     def close(self) -> None:
         for conn in self.conns:

@@ -2,8 +2,10 @@
 
 A ModelRunner holds per-request state only for what it cannot be told cheaply each step: the KV slots
 a request owns (in `req_to_slots`, one row per request), its sampling parameters and random
-generator, and the token history its penalties need. Everything else arrives in the StepInput.
-Under tensor parallelism every rank runs the same step; rank 0 samples and reports.
+generator, the token history its penalties need, and the token it sampled last (which the next
+step's input may name only as PENDING_TOKEN). Everything else arrives in the StepInput. Under tensor
+parallelism every rank runs the same step; rank 0 samples, reports, and shares the tokens with the
+other ranks.
 """
 
 from collections.abc import Callable
@@ -15,7 +17,7 @@ import torch
 from lightvlm.common.distributed import SINGLE, TPGroup, kv_heads_per_rank
 from lightvlm.engine.infer_state import InferState, KVCache, PrefillChunk
 from lightvlm.engine.sampler import SamplingBatch, sample
-from lightvlm.io_struct import ReqInit, StepInput, StepOutput, TokenLogprob
+from lightvlm.io_struct import PENDING_TOKEN, ReqInit, StepInput, StepOutput, TokenLogprob
 from lightvlm.models.registry import LoadedCheckpoint
 from lightvlm.models.weight_loader import build_part
 
@@ -49,6 +51,7 @@ class RunnerReq:
     draws: int = 0  # samples drawn from `generator` (each one row of the vocabulary)
     seen: torch.Tensor | None = None  # [V] bool, for repetition penalty
     counts: torch.Tensor | None = None  # [V] float, output token counts
+    last_token: int | None = None  # sampled by the latest step, not yet fed back
 
     @property
     def num_outputs(self) -> int:
@@ -126,14 +129,19 @@ class ModelRunner:
         """Run one step. A request that cannot be registered, or that makes the step raise when run
         alone, is reported in `failed`; the others get their tokens."""
         self.release(step.released)
-        failed = []
+        errors = {}
         for init in step.new_reqs:
             try:
                 self._register(init)
             except Exception as e:  # noqa: BLE001 (reported to the router, which fails the request)
-                failed.append((init.req_id, error_text(e)))
+                errors[init.req_id] = error_text(e)
+        for req_id in step.req_ids:  # scheduled before the router heard that an earlier step failed it
+            if req_id not in self.reqs:
+                errors.setdefault(req_id, "the worker holds no state for this request (an earlier step failed)")
+        step = self.fill_pending(step, errors)
+        failed = list(errors.items())
         if failed:
-            step = select_reqs(step, set(step.req_ids) - {req_id for req_id, _ in failed})
+            step = select_reqs(step, set(step.req_ids) - errors.keys())
         try:
             out = self._run(step, check) if step.req_ids else StepOutput(req_ids=(), token_ids=())
         except Exception as e:  # noqa: BLE001
@@ -141,6 +149,23 @@ class ModelRunner:
                 return StepOutput(req_ids=(), token_ids=(), failed=((step.req_ids[0], error_text(e)), *failed))
             out = self._run_one_by_one(step, check)
         return replace(out, failed=(*out.failed, *failed)) if failed else out
+
+    def fill_pending(self, step: StepInput, errors: dict[int, str]) -> StepInput:
+        """PENDING_TOKEN inputs -> the token this runner sampled last for that request. A request with
+        none to give is added to `errors`."""
+        if PENDING_TOKEN not in step.input_ids:
+            return step
+        ids, row = list(step.input_ids), 0
+        for req_id, n in zip(step.req_ids, step.num_new_tokens):
+            req = self.reqs.get(req_id)
+            for i in range(row, row + n):
+                if ids[i] == PENDING_TOKEN:
+                    if req is None or req.last_token is None:
+                        errors.setdefault(req_id, "the step's input token was never sampled")
+                        break
+                    ids[i] = req.last_token
+            row += n
+        return replace(step, input_ids=tuple(ids))
 
     def _run_one_by_one(self, step: StepInput, check: Callable[[StepInput], None] | None) -> StepOutput:
         """After a failed step: each request alone, so the culprits fail and nobody else does."""
@@ -164,9 +189,17 @@ class ModelRunner:
             embeds[state.image_rows] = state.image_embeds.to(embeds.dtype)
         logits = self.model(embeds, state, state.logit_rows)
         self._commit(step)  # the step ran through: only now advance what a rerun must not see advanced
-        if not self.tp.is_first or not sampled_ids:
+        if not sampled_ids:
             return StepOutput(req_ids=(), token_ids=())
-        return self._sample(sampled_ids, logits)  # validated parameters: sampling does not fail
+        # validated parameters: sampling does not fail
+        out = self._sample(sampled_ids, logits) if self.tp.is_first else StepOutput(req_ids=(), token_ids=())
+        tokens = out.token_ids
+        if self.tp.size > 1:  # every rank feeds the tokens back in the next step
+            shared = torch.tensor(tokens or [0] * len(sampled_ids), dtype=torch.long, device=self.device)
+            tokens = self.tp.broadcast(shared).tolist()
+        for req_id, token in zip(sampled_ids, tokens):
+            self.reqs[req_id].last_token = token
+        return out
 
     def _commit(self, step: StepInput) -> None:
         """Count the step's tokens as cached, and as seen by the penalties (before sampling)."""

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from enum import IntEnum
 
-from lightvlm.io_struct import ImageRef
+from lightvlm.io_struct import PENDING_TOKEN, ImageRef
 from lightvlm.sampling_params import SamplingParams
 
 # Image rows carry ids far above any vocabulary, derived from the image's hash, so that anything keyed
@@ -45,7 +45,7 @@ class Req:
     max_total_len: int  # prompt + outputs never exceed this (the context limit)
     images: tuple[ImageRef, ...] = ()
     eos_token_ids: frozenset[int] = frozenset()
-    output_ids: list[int] = field(default_factory=list)
+    output_ids: list[int] = field(default_factory=list)  # PENDING_TOKEN where a step in flight samples
     status: ReqStatus = ReqStatus.WAITING
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     kv_slots: list[int] = field(default_factory=list)
@@ -67,7 +67,17 @@ class Req:
 
     @property
     def num_tokens_to_compute(self) -> int:
+        if len(self.output_ids) >= self.max_new_tokens:
+            return 0  # its last output is never fed back (it may still be in flight)
         return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def num_pending(self) -> int:
+        """Outputs that steps in flight are sampling (places held at the end of output_ids)."""
+        n = 0
+        while n < len(self.output_ids) and self.output_ids[-1 - n] == PENDING_TOKEN:
+            n += 1
+        return n
 
     @property
     def max_new_tokens(self) -> int:
@@ -82,22 +92,33 @@ class Req:
         n = len(self.prompt_ids)
         return self.prompt_ids[index] if index < n else self.output_ids[index - n]
 
+    def expect_output(self) -> None:
+        """A step that samples for this request was scheduled: hold the place of its token."""
+        self.output_ids.append(PENDING_TOKEN)
+
     def append_output(self, token: int) -> None:
-        """Record a sampled token and decide whether the request is done."""
-        self.output_ids.append(token)
-        num_out = len(self.output_ids)
+        """Record a sampled token (in the oldest place held for it) and decide whether the request is done."""
+        if pending := self.num_pending:
+            num_out = len(self.output_ids) - pending + 1
+            self.output_ids[num_out - 1] = token
+        else:
+            self.output_ids.append(token)
+            num_out = len(self.output_ids)
         if num_out >= self.sampling.min_new_tokens:
             is_eos = not self.sampling.ignore_eos and token in self.eos_token_ids
             if is_eos or token in self.sampling.stop_token_ids:
-                self.status = ReqStatus.FINISHED_STOPPED
+                self.finish(ReqStatus.FINISHED_STOPPED)
                 return
         if num_out >= self.max_new_tokens:
-            self.status = ReqStatus.FINISHED_LENGTH
+            self.finish(ReqStatus.FINISHED_LENGTH)
 
     def finish(self, status: ReqStatus) -> None:
+        """Done: tokens still in flight past this point are dropped when they arrive."""
         assert status.is_finished
         if not self.status.is_finished:
             self.status = status
+        while self.output_ids and self.output_ids[-1] == PENDING_TOKEN:
+            self.output_ids.pop()
 
     def stop_on_string(self) -> None:
         """A stop string matched: that is why it ended, even if the same token reached the length limit."""

@@ -5,6 +5,10 @@ still to compute: a running request asks for its remaining prompt (in chunks tha
 token budget) or for its one newest token. Waiting requests join between steps when the batch's
 predicted peak KV use still fits; under pressure the newest running request is preempted (its KV
 freed, recomputed later) rather than anything failing.
+
+A scheduled step counts as computed at once, and each token it samples gets a held place in the
+request's outputs (PENDING_TOKEN), so the next step can be scheduled before this one's tokens are
+back: the router overlaps its own work with the workers'. `update` fills the places in step order.
 """
 
 from collections import deque
@@ -25,13 +29,10 @@ class SchedulerConfig:
 @dataclass
 class ScheduledReq:
     req: Req
+    start: int  # first token computed in this step
     num_new_tokens: int
     new_slots: list[int]
-
-    @property
-    def samples(self) -> bool:
-        """The step reaches the request's newest token, so a next token is sampled."""
-        return self.req.num_computed_tokens + self.num_new_tokens == self.req.num_tokens
+    samples: bool  # the step reaches the request's newest token, so a next token is sampled
 
 
 @dataclass
@@ -43,8 +44,7 @@ class Batch:
     def to_step_input(self) -> StepInput:
         input_ids, slots = [], []
         for item in self.items:
-            start = item.req.num_computed_tokens
-            input_ids.extend(item.req.token_at(i) for i in range(start, start + item.num_new_tokens))
+            input_ids.extend(item.req.token_at(i) for i in range(item.start, item.start + item.num_new_tokens))
             slots.extend(item.new_slots)
         return StepInput(
             req_ids=tuple(item.req.req_id for item in self.items),
@@ -163,7 +163,11 @@ class Scheduler:
     def _take(self, req: Req, n: int) -> ScheduledReq:
         slots = self.allocator.alloc(n)
         req.kv_slots.extend(slots)  # owned from now on, so an abort frees them too
-        return ScheduledReq(req, n, slots)
+        item = ScheduledReq(req, req.num_computed_tokens, n, slots, req.num_computed_tokens + n == req.num_tokens)
+        req.num_computed_tokens += n
+        if item.samples:
+            req.expect_output()
+        return item
 
     def _fits(self, candidate: Req) -> bool:
         usages = [(len(r.kv_slots), max(0, r.max_kv_tokens - len(r.kv_slots))) for r in self.running]
@@ -172,7 +176,9 @@ class Scheduler:
 
     def _make_room(self, n: int, req: Req) -> bool:
         """Free slots for `req` by preempting the most recently admitted requests behind it (not yet
-        scheduled in this step). False if none is left to preempt."""
+        scheduled in this step). False if none is left to preempt. A victim whose last token is still in
+        flight comes back in the same step with at most a chunk that stops short of it (all of it needs
+        more slots than it freed); the token is known before the next step is scheduled."""
         while not self.allocator.can_alloc(n):
             victim = self.running[-1]
             if victim is req:
@@ -184,15 +190,16 @@ class Scheduler:
         return True
 
     def update(self, batch: Batch, sampled: dict[int, int]) -> list[Req]:
-        """Advance counters after the step; `sampled` maps req id -> token. Returns requests that finished."""
+        """Record a step's tokens (steps in the order they were scheduled); `sampled` maps req id -> token.
+        Returns the requests that finished."""
         finished = []
         for item in batch.items:
             req = item.req
-            if req.status.is_finished:  # aborted while the step ran; its slots are already free
+            if not item.samples or req.req_id not in sampled:
                 continue
-            req.num_computed_tokens += item.num_new_tokens
-            if req.req_id in sampled:
-                req.append_output(sampled[req.req_id])
+            if req.status.is_finished:  # ended while the step ran (aborted, or by a token before this one)
+                continue
+            req.append_output(sampled[req.req_id])
             if req.status.is_finished:
                 self._remove(req)
                 finished.append(req)

@@ -4,6 +4,7 @@ import random
 
 from lightvlm.engine.req import Req, ReqStatus
 from lightvlm.engine.scheduler import Scheduler, SchedulerConfig, predicted_peak
+from lightvlm.io_struct import PENDING_TOKEN
 from lightvlm.sampling_params import SamplingParams
 
 EOS = 2
@@ -141,3 +142,79 @@ def test_randomized_workload_never_leaks_slots():
     while scheduler.has_unfinished:
         run_step(scheduler)
     assert scheduler.allocator.num_used == 0
+
+
+def test_the_next_step_is_scheduled_before_this_ones_tokens_are_back():
+    scheduler = Scheduler(SchedulerConfig(max_total_token_num=1000, batch_max_tokens=1000, running_max_req_size=8))
+    req = make_req(0, 4, 3)
+    scheduler.add(req)
+    first = scheduler.schedule()  # the prompt; samples the first output
+    assert req.output_ids == [PENDING_TOKEN] and req.num_computed_tokens == 4
+    second = scheduler.schedule()  # feeds back the token the first step is sampling
+    assert second.to_step_input().input_ids == (PENDING_TOKEN,) and second.items[0].samples
+    assert scheduler.update(first, {0: 5}) == [] and req.output_ids == [5, PENDING_TOKEN]
+    third = scheduler.schedule()
+    assert third.to_step_input().input_ids == (PENDING_TOKEN,)
+    assert req.output_ids == [5, PENDING_TOKEN, PENDING_TOKEN]
+    assert scheduler.schedule() is None  # three outputs are on their way: the last is never fed back
+    assert len(req.kv_slots) == req.max_kv_tokens == 6
+    scheduler.update(second, {0: 6})
+    assert scheduler.update(third, {0: 7}) == [req]
+    assert req.output_ids == [5, 6, 7] and req.status == ReqStatus.FINISHED_LENGTH
+    assert scheduler.allocator.num_used == 0
+
+
+def test_tokens_in_flight_after_eos_are_dropped():
+    scheduler = Scheduler(SchedulerConfig(max_total_token_num=1000, batch_max_tokens=1000, running_max_req_size=8))
+    req = make_req(0, 4, 10)
+    scheduler.add(req)
+    first = scheduler.schedule()
+    second = scheduler.schedule()
+    assert scheduler.update(first, {0: EOS}) == [req]
+    assert req.output_ids == [EOS] and req.status == ReqStatus.FINISHED_STOPPED
+    assert scheduler.allocator.num_used == 0  # its slots are free while the second step still runs
+    assert scheduler.update(second, {0: 9}) == [] and req.output_ids == [EOS]
+    scheduler.add(make_req(1, 2, 2))
+    assert scheduler.schedule().released == [0]  # the workers forget it before the next step
+
+
+def test_abort_with_a_step_in_flight_drops_its_token():
+    scheduler = Scheduler(SchedulerConfig(max_total_token_num=1000, batch_max_tokens=1000, running_max_req_size=8))
+    req = make_req(0, 4, 10)
+    scheduler.add(req)
+    first = scheduler.schedule()
+    scheduler.abort(0)
+    assert req.output_ids == [] and scheduler.allocator.num_used == 0
+    assert scheduler.update(first, {0: 5}) == [] and req.output_ids == []
+
+
+def test_a_step_ahead_gives_the_same_outputs_under_preemption():
+    """Tokens that depend only on (request, position): scheduling a step ahead must not change any
+    request's outputs, even when requests are preempted while their tokens are in flight."""
+    def token(req_id, position):
+        return EOS if (req_id * 7 + position) % 13 == 0 else 5 + (req_id + position) % 4
+
+    def run(lookahead):
+        rng = random.Random(3)
+        scheduler = Scheduler(SchedulerConfig(max_total_token_num=120, batch_max_tokens=24, running_max_req_size=6))
+        scheduler._fits = lambda req: True  # over-commit on purpose to force preemptions
+        reqs = [make_req(i, rng.randint(1, 40), rng.randint(1, 30)) for i in range(12)]
+        for req in reqs:
+            scheduler.add(req)
+        in_flight = []
+        while scheduler.has_unfinished or in_flight:
+            batch = scheduler.schedule()
+            if batch is not None:
+                sampled = {item.req.req_id: token(item.req.req_id, item.start + item.num_new_tokens)
+                           for item in batch.items if item.samples}
+                in_flight.append((batch, sampled))
+            if in_flight and (len(in_flight) > lookahead or batch is None):
+                scheduler.update(*in_flight.pop(0))
+            scheduler.allocator.check_integrity()
+            assert all(len(r.kv_slots) <= r.max_kv_tokens for r in scheduler.running)
+        assert scheduler.allocator.num_used == 0
+        return [r.output_ids for r in reqs], sum(r.num_preemptions for r in reqs)
+
+    (expected, _), (got, preemptions) = run(lookahead=False), run(lookahead=True)
+    assert got == expected and preemptions >= 3
+    assert any(out[-1] == EOS for out in got)

@@ -1,5 +1,6 @@
 """Sharded models give the unsharded results: vision tower (qk-norm included) and language model, with
-KV heads split (tp=2) and replicated (tp=4 over 2 KV heads), over gloo on the CPU."""
+KV heads split (tp=2) and replicated (tp=4 over 2 KV heads), over gloo on the CPU. The sharded runs
+schedule one step ahead as the router does, so every rank feeds back the tokens rank 0 sampled."""
 
 import multiprocessing as mp
 import queue
@@ -19,7 +20,7 @@ from lightvlm.models.registry import LoadedCheckpoint
 from lightvlm.pipeline import ImageStore
 from lightvlm.sampling_params import SamplingParams
 
-from helpers import load_image
+from helpers import drive, load_image
 
 
 def run_model(model_dir, tp):
@@ -41,13 +42,15 @@ def run_model(model_dir, tp):
     req = Req(0, prompt.input_ids, SamplingParams(max_new_tokens=12, ignore_eos=True), 2048,
               images=(ImageRef("0123456789abcdef", span.offset, span.length),))
     scheduler.add(req)
-    while scheduler.has_unfinished:  # prompt chunks of 64 tokens, then decode
-        batch = scheduler.schedule()
+
+    def run_step(batch):  # prompt chunks of 64 tokens, then decode
         out = runner.step(batch.to_step_input())
         sampled = [dict(zip(out.req_ids, out.token_ids))]
         if tp.size > 1:  # rank 0 samples; every rank's scheduler needs the token
             dist.broadcast_object_list(sampled, src=0, group=tp.group)
-        scheduler.update(batch, sampled[0])
+        return sampled[0]
+
+    drive(scheduler, run_step, lookahead=tp.size > 1)
     return embeds, req.output_ids
 
 

@@ -1,11 +1,15 @@
 """The router: continuous batching around engine.Scheduler, one step at a time on every worker rank.
 
-Loop: take in new requests, aborts and stops; schedule a step; run it on the workers; record the
-sampled tokens; send them to detokenization; free what finished requests held (KV slots here, image
-references in the visualserver).
+Loop: take in new requests, aborts and stops; schedule a step and start it on the workers; then,
+while they run it, record the previous step's sampled tokens, send them to detokenization and free
+what finished requests held (KV slots here, image references in the visualserver). The workers never
+wait for the router: the next step is already queued when one ends, its decode inputs named as
+PENDING_TOKEN (each rank knows what it sampled). The price is one wasted row for a request that
+stops on EOS or a stop string, whose next step was already scheduled.
 """
 
 import time
+from collections.abc import Callable
 
 import zmq
 
@@ -53,11 +57,14 @@ class RouterManager:
         self.queue_time = Histogram("queue_time_seconds", LATENCY_BUCKETS)  # arrival -> first scheduled
 
     def loop(self) -> None:
+        in_flight = None  # the step the workers run now, and how to wait for its output
         while True:
-            self.receive(timeout_ms=0 if self.scheduler.has_unfinished else 200)
+            self.receive(timeout_ms=0 if self.scheduler.has_unfinished or in_flight else 200)
             batch = self.scheduler.schedule()
-            if batch is not None:
-                self.run(batch)
+            launched = self.launch(batch) if batch is not None else None
+            if in_flight is not None:
+                self.finish_step(*in_flight)
+            in_flight = launched
             self.send_stats()
 
     # -- messages in ---------------------------------------------------------------------------
@@ -102,13 +109,16 @@ class RouterManager:
 
     # -- one step ------------------------------------------------------------------------------
 
-    def run(self, batch: Batch) -> None:
+    def launch(self, batch: Batch) -> tuple[Batch, Callable[[], StepOutput]]:
         now = time.monotonic()
         for req in batch.new_reqs:
             if req.num_preemptions == 0:
                 self.queue_time.observe(now - req.arrival_time)
+        return batch, self.workers.launch(batch.to_step_input())
+
+    def finish_step(self, batch: Batch, wait: Callable[[], StepOutput]) -> None:
         try:
-            out = self.workers.step(batch.to_step_input())
+            out = wait()
         except (EOFError, ConnectionError):
             raise  # a worker is gone: the launcher stops the server
         except Exception as e:  # noqa: BLE001 (the step failed as a whole: fail its requests, keep serving)
@@ -126,7 +136,7 @@ class RouterManager:
         outputs = []
         for req_id, token in sampled.items():
             req = finished.get(req_id) or self.scheduler.reqs.get(req_id)
-            if req is None:  # failed in this step
+            if req is None:  # ended before this token (failed, aborted, or stopped by an earlier one)
                 continue
             outputs.append(TokenOut(req_id, token, logprobs.get(req_id), req.status.finish_reason))
         for req in finished.values():

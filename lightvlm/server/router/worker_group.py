@@ -1,6 +1,7 @@
 """The router's handle on the model workers: one rpyc connection per tensor-parallel rank."""
 
 import pickle
+from collections.abc import Callable
 
 from lightvlm.common.rpc import WorkerGroup
 from lightvlm.io_struct import StepInput, StepOutput
@@ -15,7 +16,12 @@ class ModelWorkers:
 
     def step(self, step: StepInput) -> StepOutput:
         """Every rank runs the step; rank 0's answer carries the sampled tokens."""
-        return self.group.call("step", pickle.dumps(step))[0]
+        return self.launch(step)()
+
+    def launch(self, step: StepInput) -> Callable[[], StepOutput]:
+        """Start the step on every rank; the returned function waits for its output."""
+        results = self.group.start("step", pickle.dumps(step))
+        return lambda: results()[0]
 
     def close(self) -> None:
         self.group.close()
