@@ -1,9 +1,11 @@
 """`make bench`: every workload on lightvlm and on the baselines in one run, then docs/performance.md.
 
 1. Build the `small` demo checkpoint if needed (the same cache folder the server uses).
-2. Start the server on it, run W1-W5 and a concurrency sweep, stop it.
-3. Run transformers (one at a time and static batches 8/16/32/64) and the engine ceiling (the model
-   runner's loop alone) on the same requests.
+2. Start the server on it, run W1-W5 and a concurrency sweep, stop it. W2 alternates: each request
+   through the server, then the same one through transformers (one at a time), so that both sides
+   see the same state of a shared machine.
+3. Run transformers (static batches 8/16/32/64) and the engine ceiling (the model runner's loop
+   alone) on the same requests.
 4. Rewrite docs/performance.md (tables, ratios, targets met or not, machine, commands) and
    docs/performance.png (throughput and TTFT against concurrency). Raw numbers: bench_out/results.json.
 """
@@ -25,6 +27,7 @@ import torch
 from benchmark import engine_ceiling, hf_baseline
 from benchmark.serve import Result, run, summarize
 from benchmark.workloads import build
+from lightvlm.server.api_server import demo_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench_out"
@@ -77,7 +80,21 @@ async def interference(url: str, traffic, probes, probe_rate: float):
     return summarize(probe_results, probe_elapsed)
 
 
-def server_workloads(url: str, log) -> dict:
+def paired_single_stream(url: str, hf, requests) -> tuple[dict, dict]:
+    """W2: each request through the server, then the same one through transformers, one after the
+    other, so that both sides see the same state of a shared machine. `hf` is (processor, model)."""
+    bench(url, build(1, seed=99), concurrency=1)  # warm both sides on a request that does not count
+    hf_baseline.run_batches(*hf, build(1, seed=99), 1)
+    ours, elapsed, theirs = [], 0.0, []
+    for req in requests:
+        summary, results = bench(url, [req], concurrency=1)
+        ours += results
+        elapsed += summary["duration_s"]
+        theirs.append(hf_baseline.run_batches(*hf, [req], 1))
+    return summarize(ours, elapsed), hf_baseline.combine_single(theirs)
+
+
+def server_workloads(url: str, model_dir: str, log) -> dict:
     r = {}
     log("W1 throughput: 64 requests at concurrency 64, one new 448x448 image each, ~32 text tokens, 128 output "
         "(twice, with other images the second time)")
@@ -85,8 +102,10 @@ def server_workloads(url: str, log) -> dict:
     runs = [bench(url, build(64, seed=1 + 10 * i), concurrency=64)[0] for i in range(REPEATS)]
     r["W1"] = max(runs, key=lambda s: s["output_tokens_per_s"])
     r["W1"]["runs_output_tokens_per_s"] = [s["output_tokens_per_s"] for s in runs]
-    log("W2 single stream: 8 requests at concurrency 1")
-    r["W2"], _ = bench(url, build(8, seed=2), concurrency=1)
+    log("W2 single stream: 8 requests at concurrency 1, each followed by the same one through transformers")
+    hf = hf_baseline.load(model_dir)  # idle while the server works, and the other way round
+    r["W2"], r["hf_W2"] = paired_single_stream(url, hf, build(8, seed=2))
+    del hf
     log("W3 repeated images: 48 requests, half reuse one of 8 images, concurrency 4")
     summary, results = bench(url, build(48, repeat_share=0.5, pool_size=8, output_tokens=32, seed=3), concurrency=4)
     hits = [x.ttft for x in results if x.ok and x.repeated]
@@ -120,8 +139,6 @@ def baselines(model_dir: str, log) -> dict:
                                  for i in range(1, REPEATS)]
     r["hf_W1"][best] = max(runs, key=lambda s: s["output_tokens_per_s"])
     r["hf_W1"][best]["runs_output_tokens_per_s"] = [s["output_tokens_per_s"] for s in runs]
-    log("transformers: W2 one request at a time")
-    r["hf_W2"] = hf_baseline.run_single(processor, model, build(8, seed=2))
     log("transformers: W5 in static batches of 8")
     r["hf_W5"] = hf_baseline.run_batches(
         processor, model, build(32, multi_turn=True, repeat_share=0.5, pool_size=8, output_tokens=64, seed=6), 8)
@@ -155,13 +172,11 @@ def main(argv=None) -> None:
     def log(message: str) -> None:
         print(f"[{time.monotonic() - started:6.0f}s] {message}", flush=True)
 
-    from lightvlm.server.api_server import demo_checkpoint
-
     model_dir = demo_checkpoint()
     server = Server(model_dir, args.port, args.server_args)
     try:
         server.wait_ready()
-        results = server_workloads(server.url, log)
+        results = server_workloads(server.url, model_dir, log)
         (OUT / "metrics.txt").write_text(server.metrics())
     finally:
         server.stop()
