@@ -12,8 +12,11 @@ import logging
 import os
 import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable
+
+from tqdm import tqdm
 
 from lightvlm.common.logging import get_logger, setup_logging
 
@@ -35,6 +38,9 @@ def run_room(name: str, pipe, log_level: str, start: Callable[[], Callable[[], N
     die_with_parent(name)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher owns Ctrl-C and stops us with SIGTERM
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # unwind: finally blocks release resources
+    # tqdm's default lock is a multiprocessing semaphore that os._exit below would leave to the resource
+    # tracker ("leaked semaphore objects" at shutdown); the loading bars need only a thread lock
+    tqdm.set_lock(threading.RLock())
     logger = get_logger(f"lightvlm.{name}")
     try:
         loop = start()

@@ -67,3 +67,4 @@ def test_sigterm_stops_every_process_and_segment(parallel_server):
     assert parallel_server.process.returncode == 0
     assert not [p for p in parallel_server.descendants if alive(p)]
     assert parallel_server.shm_segments() == []
+    assert "leaked" not in parallel_server.output()  # Python's resource tracker had nothing left to clean up
