@@ -99,13 +99,9 @@ def run_batches(processor, model, requests: list[BenchRequest], batch_size: int)
             "tpot_s": percentiles(tpot)}
 
 
-def run_single(processor, model, requests: list[BenchRequest]) -> dict:
-    """One request at a time, each timed from its own start (W2's reference)."""
-    return combine_single([run_batches(processor, model, [r], 1) for r in requests])
-
-
 def combine_single(results: list[dict]) -> dict:
-    """One summary over requests run one at a time by run_batches(..., batch_size=1)."""
+    """One summary over requests run one at a time by run_batches(..., [request], 1), each timed from its
+    own start (W2's reference)."""
     return {"batch_size": 1, "requests": len(results),
             "duration_s": sum(r["duration_s"] for r in results),
             "output_tokens_per_s": sum(r["output_tokens"] for r in results) / sum(r["duration_s"] for r in results),

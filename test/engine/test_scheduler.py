@@ -7,6 +7,8 @@ from lightvlm.engine.scheduler import Scheduler, SchedulerConfig, predicted_peak
 from lightvlm.io_struct import PENDING_TOKEN
 from lightvlm.sampling_params import SamplingParams
 
+from helpers import drive
+
 EOS = 2
 
 
@@ -201,17 +203,15 @@ def test_a_step_ahead_gives_the_same_outputs_under_preemption():
         reqs = [make_req(i, rng.randint(1, 40), rng.randint(1, 30)) for i in range(12)]
         for req in reqs:
             scheduler.add(req)
-        in_flight = []
-        while scheduler.has_unfinished or in_flight:
-            batch = scheduler.schedule()
-            if batch is not None:
-                sampled = {item.req.req_id: token(item.req.req_id, item.start + item.num_new_tokens)
-                           for item in batch.items if item.samples}
-                in_flight.append((batch, sampled))
-            if in_flight and (len(in_flight) > lookahead or batch is None):
-                scheduler.update(*in_flight.pop(0))
+
+        def sample(batch):
             scheduler.allocator.check_integrity()
             assert all(len(r.kv_slots) <= r.max_kv_tokens for r in scheduler.running)
+            return {item.req.req_id: token(item.req.req_id, item.start + item.num_new_tokens)
+                    for item in batch.items if item.samples}
+
+        drive(scheduler, sample, lookahead)
+        scheduler.allocator.check_integrity()
         assert scheduler.allocator.num_used == 0
         return [r.output_ids for r in reqs], sum(r.num_preemptions for r in reqs)
 
