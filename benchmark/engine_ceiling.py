@@ -16,7 +16,7 @@ import torch
 from lightvlm.engine.model_runner import ModelRunner, RunnerConfig
 from lightvlm.engine.req import Req
 from lightvlm.engine.scheduler import Scheduler, SchedulerConfig
-from lightvlm.models.registry import LoadedCheckpoint
+from lightvlm.models.checkpoint import LoadedCheckpoint
 from lightvlm.pipeline import ImageStore
 from lightvlm.sampling_params import SamplingParams
 

@@ -27,7 +27,7 @@ import torch
 from benchmark import engine_ceiling, hf_baseline
 from benchmark.serve import Result, run, summarize
 from benchmark.workloads import build
-from lightvlm.server.api_server import demo_checkpoint
+from lightvlm.models.demo import demo_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench_out"

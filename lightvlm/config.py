@@ -38,15 +38,14 @@ class ModelConfig:
     device: str = "cpu"
     trust_remote_code: bool = False  # accepted for LightLLM compatibility; checkpoint code never runs
     load_workers: int = 1
-    processor_class: str = ""  # "module:Class", set by the launcher from the model registry
-    eos_token_ids: tuple[int, ...] = ()  # set by the launcher from generation_config.json
 
 
 @dataclass(frozen=True)
 class RouterConfig:
     max_total_token_num: int | None = None  # KV slots; None: derived from mem_fraction
     mem_fraction: float = 0.9
-    max_req_total_len: int = 8192  # prompt + output tokens of one request
+    max_req_total_len: int | None = None  # prompt + output tokens of one request; None: the model's limit
+    # (every room resolves it the same way: LoadedCheckpoint.context_limit)
     batch_max_tokens: int = 512  # tokens computed per step
     running_max_req_size: int = 1000
 
@@ -189,9 +188,9 @@ def check_positive(args, *names: str) -> None:
             fail(f"--{name} must be >= 1, got {value}")
 
 
-def parse_config(argv: list[str] | None, model_dir: str, max_position_embeddings: int, device: str,
-                 num_devices: int) -> ServerConfig:
-    """argv -> ServerConfig. `model_dir` is resolved by the caller (the demo build happens there)."""
+def parse_config(argv: list[str] | None, model_dir: str, device: str, num_devices: int) -> ServerConfig:
+    """argv -> ServerConfig. `model_dir` is resolved by the caller (the demo build happens there). What
+    depends on the checkpoint (the context limit, the KV pool's size) is checked by the rooms."""
     args = build_parser().parse_args(argv)
     check_positive(args, "tp", "max_total_token_num", "max_req_total_len", "batch_max_tokens", "running_max_req_size",
                    "visual_infer_batch_size", "cache_capacity", "cache_max_mb", "visual_dp", "visual_tp",
@@ -203,10 +202,8 @@ def parse_config(argv: list[str] | None, model_dir: str, max_position_embeddings
     if device == "cuda" and args.enable_multimodal and args.visual_dp * args.visual_tp > num_devices:
         fail(f"--visual_dp {args.visual_dp} x --visual_tp {args.visual_tp} needs more GPUs than the "
              f"{num_devices} visible")
-    max_len = args.max_req_total_len or max_position_embeddings
-    if max_len > max_position_embeddings:
-        fail(f"--max_req_total_len {max_len} exceeds the model's max_position_embeddings ({max_position_embeddings})")
-    if args.max_total_token_num is not None and args.max_total_token_num < max_len:
+    max_len = args.max_req_total_len
+    if args.max_total_token_num is not None and max_len is not None and args.max_total_token_num < max_len:
         fail(f"--max_total_token_num {args.max_total_token_num} is smaller than --max_req_total_len {max_len}: "
              f"one full-length request would never fit; raise --max_total_token_num or lower --max_req_total_len")
     return ServerConfig(

@@ -10,12 +10,17 @@ from lightvlm.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)
-class ImageRef:
-    """Written by the router (inside ReqInit): an image's cache key and where its rows sit in the prompt."""
+class ImageItem:
+    """One image of a request: the one descriptor every room uses. The processor places it (offset,
+    num_rows, grid), the httpserver (or the pipeline) names it (key) and, on its way to the
+    visualserver only, says where its bytes wait in shared memory."""
 
-    key: str
-    offset: int
-    length: int
+    key: str  # common.identity.image_key: bytes + preprocessing settings + grid
+    offset: int  # first embedding row in the prompt ids
+    num_rows: int  # embedding rows
+    grid: tuple[int, ...]  # the family's layout of the image (InternVL: tile columns, rows; Qwen-VL: t, h, w)
+    shm_name: str = ""  # segment holding the image file's bytes (the visualserver unlinks it)
+    num_bytes: int = 0
 
 
 # ---- router -> model workers (one StepInput per iteration, the same to every rank) ---------------
@@ -25,10 +30,10 @@ class ReqInit:
     """Written by the router the first time a request is scheduled (again after a preemption)."""
 
     req_id: int
-    prompt_len: int
+    num_prompt_tokens: int
     sampling: SamplingParams
     eos_token_ids: tuple[int, ...]
-    images: tuple[ImageRef, ...] = ()
+    images: tuple[ImageItem, ...] = ()
 
 
 # An input token the router cannot know yet: the one the previous step is sampling for that request.
@@ -74,17 +79,6 @@ class StepOutput:
 # ---- httpserver -> visualserver -> router ----------------------------------------------------------
 
 @dataclass(frozen=True)
-class ImageItem:
-    """Written by the httpserver: one image of a request, its bytes waiting in shared memory."""
-
-    key: str  # MD5 of the bytes and the preprocessing settings
-    shm_name: str  # segment holding the image file's bytes (the visualserver unlinks it)
-    num_bytes: int
-    offset: int  # first embedding row in the prompt ids
-    length: int  # embedding rows
-
-
-@dataclass(frozen=True)
 class GenerateReq:
     """Written by the httpserver; the visualserver forwards it once its images are encoded."""
 
@@ -102,16 +96,8 @@ class AbortReq:
 
 
 # ---- visualserver manager <-> encoder workers (pickled through rpyc) --------------------------------
-
-@dataclass(frozen=True)
-class EncodeJob:
-    """Encode one image: read its bytes from `src_shm`, write its embedding rows into `dst_shm`."""
-
-    key: str
-    src_shm: str
-    num_bytes: int
-    dst_shm: str
-
+# The manager sends a tuple of ImageItems: each image's bytes are in `shm_name`, its rows go to the
+# embedding segment named after its key (common.shm.embedding_segment).
 
 @dataclass(frozen=True)
 class EncodeResult:

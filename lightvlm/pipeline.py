@@ -17,7 +17,7 @@ The loop is the server's loop without the processes: schedule, run the model, sa
 import atexit
 import base64
 import hashlib
-import io
+import os
 import sys
 import types
 import urllib.request
@@ -28,17 +28,21 @@ import torch
 from PIL import Image
 
 from lightvlm.common import shm
-from lightvlm.config import load_workers
+from lightvlm.common.identity import content_digest, image_key
+from lightvlm.config import CpuConfig, ModelConfig, RouterConfig, ServerConfig, load_workers
 from lightvlm.engine.detokenizer import Detokenizer
 from lightvlm.engine.model_runner import ModelRunner, RunnerConfig
 from lightvlm.engine.req import Req, ReqStatus
 from lightvlm.engine.scheduler import Scheduler, SchedulerConfig
-from lightvlm.engine.visual_encoder import VisualEncoder, embeddings_nbytes, write_embeddings
-from lightvlm.io_struct import ImageRef, TokenLogprob
-from lightvlm.models.processor import generation_defaults, split_messages
-from lightvlm.models.registry import LoadedCheckpoint
+from lightvlm.engine.visual_encoder import VisualEncoder
+from lightvlm.io_struct import TokenLogprob
+from lightvlm.models.checkpoint import LoadedCheckpoint
+from lightvlm.models.processor import decode_image, generation_defaults, split_messages
 from lightvlm.models.weight_loader import resolve_dtype
 from lightvlm.sampling_params import SamplingParams
+from lightvlm.workers.group import ModelWorkers
+from lightvlm.workers.model_worker import start_worker_process
+from lightvlm.workers.spawn import Instance, Rooms
 
 
 @dataclass
@@ -88,28 +92,26 @@ class Response:
     error: str | None = None  # finish_reason "error": the model failed on this request
 
 
-def load_image(source) -> Image.Image:
-    """A PIL image from a PIL image, bytes, a data: URL, an http(s) URL or a file path."""
+def read_image(source) -> tuple[Image.Image, str]:
+    """A decoded image and the digest of its identity, from a PIL image, bytes, a data: URL, an http(s)
+    URL or a file path. Where there are bytes, the digest is theirs, as in the server; a PIL image
+    given as such is named by its pixels."""
     if isinstance(source, Image.Image):
-        return source
-    if isinstance(source, bytes):
-        return Image.open(io.BytesIO(source))
-    if not isinstance(source, (str, Path)):
+        digest = hashlib.md5(f"{source.mode}:{source.size}:".encode())
+        digest.update(source.tobytes())
+        return source, "pixels:" + digest.hexdigest()
+    if isinstance(source, (str, Path)) and str(source).startswith("data:"):
+        data = base64.b64decode(str(source).split(",", 1)[1])
+    elif isinstance(source, (str, Path)) and str(source).startswith(("http://", "https://")):
+        with urllib.request.urlopen(str(source), timeout=30) as response:
+            data = response.read()
+    elif isinstance(source, (str, Path)):
+        data = Path(source).read_bytes()
+    elif isinstance(source, bytes):
+        data = source
+    else:
         raise ValueError(f"cannot read an image from {type(source).__name__}")
-    source = str(source)
-    if source.startswith("data:"):
-        return Image.open(io.BytesIO(base64.b64decode(source.split(",", 1)[1])))
-    if source.startswith(("http://", "https://")):
-        with urllib.request.urlopen(source, timeout=30) as response:
-            return Image.open(io.BytesIO(response.read()))
-    return Image.open(source)
-
-
-def image_key(image: Image.Image, settings: str) -> str:
-    """MD5 over the decoded pixels and the preprocessing settings: the image's name everywhere."""
-    digest = hashlib.md5(f"{image.mode}:{image.size}:{settings}".encode())
-    digest.update(image.tobytes())
-    return digest.hexdigest()
+    return decode_image(data), content_digest(data)
 
 
 def to_messages(prompt) -> list[dict]:
@@ -158,8 +160,9 @@ class SharedImageStore(ImageStore):
 
     def __setitem__(self, key: str, embeds: torch.Tensor) -> None:
         super().__setitem__(key, embeds)
-        segment = shm.create(shm.embedding_segment(self.prefix, key), embeddings_nbytes(embeds))
-        write_embeddings(segment.buf, embeds)
+        nbytes = shm.embeddings_nbytes(embeds.shape[0], embeds.shape[1], embeds.dtype)
+        segment = shm.create(shm.embedding_segment(self.prefix, key), nbytes)
+        shm.write_embeddings(segment.buf, embeds)
         segment.close()
 
     def __delitem__(self, key: str) -> None:
@@ -168,24 +171,27 @@ class SharedImageStore(ImageStore):
 
 
 class RemoteRunner:
-    """The model runner split over `tp` worker processes: the server's own model workers, driven the
-    way its router drives them. Same interface as ModelRunner for the pipeline's loop."""
+    """The model runner split over `tp` worker processes: the same model workers the server runs,
+    driven the way its router drives them. Same interface as ModelRunner for the pipeline's loop."""
 
     def __init__(self, model_dir: str | Path, tp: int, config: RunnerConfig, data_type: str | None):
-        from lightvlm.config import ModelConfig, RouterConfig, ServerConfig
-        from lightvlm.server.launcher import Launcher, with_runtime
-        from lightvlm.server.router.worker_group import ModelWorkers
-        from lightvlm.server.worker.rpc_service import start_worker_process
-
-        server_config = with_runtime(ServerConfig(
+        server_config = ServerConfig(
             model=ModelConfig(str(model_dir), Path(model_dir).name, tp=tp, data_type=data_type, device=config.device,
                               load_workers=config.load_workers),
             router=RouterConfig(max_total_token_num=config.num_slots, max_req_total_len=config.max_len,
-                                running_max_req_size=config.max_reqs)))
+                                running_max_req_size=config.max_reqs),
+            cpu=CpuConfig(cores=os.cpu_count() or 1))
+        self.instance = Instance(server_config, tp)
+        server_config = self.instance.config
         self.prefix = server_config.runtime.shm_prefix
-        self.launcher = Launcher(server_config, row_bytes=0)
-        self.launcher.wait_ready([self.launcher.start_room(f"worker{r}", start_worker_process, server_config, r)
-                                  for r in range(tp)])
+        self.rooms = Rooms()
+        try:
+            self.rooms.wait_ready([self.rooms.start(f"worker{r}", start_worker_process, server_config, r)
+                                   for r in range(tp)])
+        except BaseException:
+            self.rooms.stop(5.0)
+            self.instance.close()
+            raise
         self.workers = ModelWorkers(list(server_config.runtime.worker_ports))
         self.released: list[int] = []
 
@@ -200,20 +206,20 @@ class RemoteRunner:
 
     def close(self) -> None:
         self.workers.close()
-        self.launcher.stop()
+        self.rooms.stop(5.0)
+        self.instance.close()
 
 
 class Pipeline:
     def __init__(self, model_dir: str | Path, tp: int = 1, max_batch_size: int = 64, session_len: int | None = None,
                  max_total_token_num: int | None = None, batch_max_tokens: int | None = None,
-                 data_type: str | None = None, device: str | None = None, visual_batch_tiles: int = 16,
-                 show_progress: bool = False):
+                 data_type: str | None = None, device: str | None = None, show_progress: bool = False):
         """tp > 1 runs the language model in `tp` worker processes (torch.distributed: gloo on the CPU,
         NCCL on CUDA); the vision tower and everything else stay in this process."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         ckpt = LoadedCheckpoint.open(model_dir)
         dtype = resolve_dtype(data_type, device, model_dir)
-        self.processor = ckpt.make_processor()
+        self.processor = ckpt.processor
         self.sampling_defaults = generation_defaults(model_dir)
         max_positions = ckpt.config.text.max_position_embeddings
         if session_len is not None and session_len > max_positions:
@@ -222,8 +228,8 @@ class Pipeline:
         num_slots = max_total_token_num or max_batch_size * self.session_len
         self.eos_token_ids = frozenset(ckpt.eos_token_ids)
         workers = load_workers()
-        self.visual = VisualEncoder(ckpt, dtype, device, max_batch_tiles=visual_batch_tiles, load_workers=workers,
-                                    show_progress=show_progress)
+        self.visual = VisualEncoder(ckpt, dtype, device, load_workers=workers,
+                                    show_progress=show_progress) if ckpt.is_multimodal else None
         runner_config = RunnerConfig(num_slots=num_slots, max_reqs=max_batch_size, max_len=self.session_len,
                                      dtype=dtype, device=device, load_workers=workers)
         if tp == 1:
@@ -233,7 +239,7 @@ class Pipeline:
             self.runner = RemoteRunner(model_dir, tp, runner_config, data_type)
             self.images = SharedImageStore(self.runner.prefix)
             atexit.register(self.close)
-        self.scheduler = Scheduler(SchedulerConfig(max_total_token_num=num_slots,
+        self.scheduler = Scheduler(SchedulerConfig(num_slots=num_slots,
                                                    batch_max_tokens=batch_max_tokens or max(self.session_len, 2048),
                                                    running_max_req_size=max_batch_size))
         self.detokenizer = Detokenizer(self.processor.tokenizer)
@@ -259,22 +265,27 @@ class Pipeline:
     def add_requests(self, prompts: list, gen_config: GenerationConfig | None = None) -> list[int]:
         """Tokenize, encode every new image in one batch, and queue the requests. Returns their ids."""
         params = (gen_config or GenerationConfig()).to_sampling_params(self.sampling_defaults)
-        prepared = []
+        prepared, todo = [], {}
         for prompt in prompts:
             messages, sources = split_messages(to_messages(prompt))
-            images = [load_image(s) for s in sources]
-            encoded = self.processor.encode_chat(messages, [im.size for im in images])
+            if sources and self.visual is None:
+                raise ValueError("this model takes no images (a text-only language model)")
+            images = [read_image(s) for s in sources]
+            encoded = self.processor.encode_chat(messages, [self.processor.image_grid(*im.size) for im, _ in images])
             if len(encoded.input_ids) >= self.session_len:
                 raise ValueError(f"the prompt has {len(encoded.input_ids)} tokens; session_len is {self.session_len}")
-            prepared.append((encoded, images, [image_key(im, self.processor.settings) for im in images]))
-        self._encode_images([(im, key) for _, images, keys in prepared for im, key in zip(images, keys)])
+            items = [replace(item, key=image_key(digest, self.processor.settings, item.grid))
+                     for item, (_, digest) in zip(encoded.images, images)]
+            todo.update((item.key, (image, item.grid)) for item, (image, _) in zip(items, images)
+                        if item.key not in self.images)
+            prepared.append((encoded.input_ids, tuple(items)))
+        self._encode_images(todo)
         req_ids = []
-        for encoded, _, keys in prepared:
-            req = Req(req_id=self._next_id, prompt_ids=encoded.input_ids, sampling=params,
-                      max_total_len=self.session_len, eos_token_ids=self.eos_token_ids,
-                      images=tuple(ImageRef(k, s.offset, s.length) for k, s in zip(keys, encoded.image_spans)))
-            for key in keys:
-                self.images.hold(key)  # until the response is built; the runner holds it too
+        for input_ids, items in prepared:
+            req = Req(req_id=self._next_id, prompt_ids=input_ids, sampling=params, max_total_len=self.session_len,
+                      eos_token_ids=self.eos_token_ids, images=items)
+            for item in items:
+                self.images.hold(item.key)  # until the response is built; the runner holds it too
             self._next_id += 1
             self._reqs[req.req_id] = req
             self._logprobs[req.req_id] = []
@@ -283,10 +294,13 @@ class Pipeline:
             req_ids.append(req.req_id)
         return req_ids
 
-    def _encode_images(self, items: list[tuple[Image.Image, str]]) -> None:
-        todo = {key: image for image, key in items if key not in self.images}
-        pixels = [self.processor.preprocess(image) for image in todo.values()]
-        for key, embeds in zip(todo, self.visual.encode(pixels)):
+    def _encode_images(self, todo: dict[str, tuple[Image.Image, tuple]]) -> None:
+        """Encode every image not in the store yet (key -> (image, grid)) as one batch."""
+        if not todo:
+            return
+        grids = [grid for _, grid in todo.values()]
+        pixels = [self.processor.preprocess(image, grid) for image, grid in todo.values()]
+        for key, embeds in zip(todo, self.visual.encode(pixels, grids)):
             self.images[key] = embeds
 
     # -- the loop ------------------------------------------------------------------------------

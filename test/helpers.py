@@ -17,6 +17,11 @@ def image_bytes(name: str) -> bytes:
     return (IMAGES / name).read_bytes()
 
 
+def grids(processor, images) -> list[tuple[int, ...]]:
+    """Each image's grid as the processor lays it out (what encode and encode_chat take)."""
+    return [processor.image_grid(*image.size) for image in images]
+
+
 def drive(scheduler, run_step, lookahead: bool = False) -> None:
     """The router's loop in one process until every request finishes. `run_step(batch)` runs a step and
     returns its {req id: token}. With `lookahead`, each step is scheduled and run before the tokens of

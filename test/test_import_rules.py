@@ -43,17 +43,62 @@ def test_router_uses_only_the_pure_engine_parts():
     assert not bad, bad
 
 
-def test_httpserver_uses_only_processors_of_the_engine_side():
+def test_httpserver_uses_only_processors_and_checkpoint_facts_of_the_model_side():
+    light = ("lightvlm.models.processor", "lightvlm.models.checkpoint", "lightvlm.models.registry")
+
     def allowed(name):
-        if name.startswith(("lightvlm.server.router", "lightvlm.server.worker", "lightvlm.visualserver",
+        if name.startswith(("lightvlm.server.router", "lightvlm.workers", "lightvlm.visualserver",
                             "lightvlm.engine", "lightvlm.pipeline")):
             return False
         if name.startswith("lightvlm.models"):
-            return name.startswith("lightvlm.models.processor") or ".processor" in name
+            return name.startswith(light) or ".processor" in name
         return True
 
     bad = violations(files("server/httpserver"), allowed)
     assert not bad, bad
+
+
+def test_what_the_httpserver_opens_imports_no_torch():
+    light = [ROOT / "models" / n for n in ("processor.py", "checkpoint.py", "registry.py", "text_config.py")]
+    for path in [*light, *ROOT.glob("models/*/processor.py"), *ROOT.glob("models/*/config.py"),
+                 *ROOT.glob("models/*/weights.py")]:
+        heavy = {n for n in imports_of(path) if n.split(".")[0] in ("torch", "safetensors")}
+        assert not heavy, f"{path.relative_to(ROOT)} imports {heavy}"
+
+
+def test_one_face_does_not_import_the_other():
+    faces = {name: f"lightvlm.server.httpserver.{name}" for name in ("native_api", "openai_api")}
+    for name, module in faces.items():
+        others = tuple(m for m in faces.values() if m != module)
+        bad = violations([ROOT / "server" / "httpserver" / f"{name}.py"], lambda n, o=others: not n.startswith(o))
+        assert not bad, bad
+
+
+def test_the_pipeline_imports_nothing_of_the_server():
+    bad = violations([ROOT / "pipeline.py"], lambda n: not n.startswith(("lightvlm.server", "lightvlm.visualserver")))
+    assert not bad, bad
+
+
+def test_workers_serve_both_shells_and_import_neither():
+    bad = violations(files("workers"), lambda n: not n.startswith(("lightvlm.server", "lightvlm.visualserver",
+                                                                    "lightvlm.pipeline")))
+    assert not bad, bad
+
+
+def test_the_launcher_imports_no_model_code():
+    bad = violations([ROOT / "server" / "launcher.py"], lambda n: not n.startswith("lightvlm.models"))
+    # the entry point asks for the demo checkpoint through its one function, and nothing else of models/
+    bad += violations([ROOT / "server" / "api_server.py"],
+                      lambda n: not n.startswith("lightvlm.models") or n.startswith("lightvlm.models.demo"))
+    assert not bad, bad
+
+
+def test_families_import_no_other_family():
+    families = [p for p in (ROOT / "models").iterdir() if p.is_dir() and p.name not in ("layers", "__pycache__")]
+    for family in families:
+        others = tuple(f"lightvlm.models.{f.name}" for f in families if f != family)
+        bad = violations(sorted(family.rglob("*.py")), lambda n, o=others: not n.startswith(o))
+        assert not bad, bad
 
 
 def test_models_import_no_engine_server_or_pipeline():
@@ -75,15 +120,8 @@ def test_common_imports_nothing_else_of_lightvlm():
 
 def test_rooms_meet_only_in_io_struct_and_config():
     rooms = {"server/httpserver": "lightvlm.server.httpserver", "server/router": "lightvlm.server.router",
-             "server/worker": "lightvlm.server.worker", "server/detokenization": "lightvlm.server.detokenization",
-             "visualserver": "lightvlm.visualserver"}
+             "server/detokenization": "lightvlm.server.detokenization", "visualserver": "lightvlm.visualserver"}
     for folder, package in rooms.items():
         others = tuple(p for p in rooms.values() if p != package)
         bad = violations(files(folder), lambda n, others=others: not n.startswith(others))
         assert not bad, bad
-
-
-def test_processors_import_no_torch():
-    for path in [ROOT / "models" / "processor.py", *ROOT.glob("models/*/processor.py")]:
-        heavy = {n for n in imports_of(path) if n.split(".")[0] == "torch"}
-        assert not heavy, f"{path.name} imports {heavy}"

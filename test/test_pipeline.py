@@ -109,7 +109,7 @@ def test_tensor_parallel_pipeline_gives_the_same_tokens(tiny_qwen2, pipe):
         # the workers are other processes: the image rows reached them through shared memory
         assert [r.token_ids for r in split(prompts, GREEDY)] == expected
         prefix = split.runner.prefix
-        workers = [p for _, p in split.runner.launcher.children]
+        workers = [p for _, p in split.runner.rooms.children]
         assert len(workers) == 2 and all(p.is_alive() for p in workers)
     assert not list(Path("/dev/shm").glob(prefix + "*"))
     assert all(not p.is_alive() for p in workers)

@@ -49,8 +49,8 @@ def test_one_image_matches_transformers(pipe, tiny_checkpoint):
 
 def test_two_images_of_different_shapes_match_transformers(pipe, tiny_checkpoint):
     wide, square = load_image("coffee_strip_600x40.jpg"), load_image("camera_gray.png")
-    assert pipe.processor.image_layout(*wide.size).num_tiles > 2
-    assert pipe.processor.image_layout(*square.size).num_tiles > 2
+    assert pipe.processor.num_tiles(pipe.processor.image_grid(*wide.size)) > 2
+    assert pipe.processor.num_tiles(pipe.processor.image_grid(*square.size)) > 2
     check(pipe, tiny_checkpoint, "What differs between these two pictures?", [wide, square])
 
 

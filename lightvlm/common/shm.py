@@ -1,4 +1,5 @@
-"""POSIX shared memory for image bytes and image embeddings.
+"""POSIX shared memory, and the two layouts that cross processes through it: image bytes and image
+embedding rows. This file is their one home (names, sizes, readers and writers).
 
 Segments are created by one process and unlinked by their owner (the creator, or the process it hands
 them to) through `unlink`. Python 3.11's resource tracker would unlink a segment when a process that
@@ -7,7 +8,8 @@ touched it exits, so no segment is left registered with it: both `create` and `a
 unregister from another must balance; they do, because every process unregisters what it registered.)
 The launcher sweeps whatever carries the instance prefix when the server stops.
 
-Embeddings are stored raw, with a small header: magic, dtype code, rank, shape. Never pickled.
+Embedding rows are stored raw behind a small header (magic, dtype code, rank, shape), never pickled;
+bfloat16 travels as its uint16 bits.
 """
 
 import struct
@@ -15,6 +17,7 @@ from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
 
 import numpy as np
+import torch
 
 SHM_DIR = Path("/dev/shm")  # where Linux keeps POSIX shared memory
 HEADER = struct.Struct("<4sBB6q")  # magic, dtype, ndim, up to 6 dims
@@ -23,65 +26,25 @@ DTYPES = {0: np.float32, 1: np.float16, 2: np.uint16, 3: np.uint8}  # uint16 car
 DTYPE_CODES = {np.dtype(v): k for k, v in DTYPES.items()}
 
 
-def _untrack(shm: shared_memory.SharedMemory) -> None:
-    resource_tracker.unregister(shm._name, "shared_memory")  # noqa: SLF001 (the name the tracker saw)
+def _untrack(segment: shared_memory.SharedMemory) -> None:
+    resource_tracker.unregister(segment._name, "shared_memory")  # noqa: SLF001 (the name the tracker saw)
 
 
 def create(name: str, size: int) -> shared_memory.SharedMemory:
-    shm = shared_memory.SharedMemory(name=name, create=True, size=max(size, 1))
-    _untrack(shm)
-    return shm
+    segment = shared_memory.SharedMemory(name=name, create=True, size=max(size, 1))
+    _untrack(segment)
+    return segment
 
 
 def attach(name: str) -> shared_memory.SharedMemory:
-    shm = shared_memory.SharedMemory(name=name)
-    _untrack(shm)
-    return shm
+    segment = shared_memory.SharedMemory(name=name)
+    _untrack(segment)
+    return segment
 
 
 def unlink(name: str) -> None:
     """Remove a segment by name (mappings stay valid until closed); missing is fine."""
     (SHM_DIR / name).unlink(missing_ok=True)
-
-
-def write_bytes(name: str, data: bytes) -> None:
-    """A segment holding `data`, handed to another process (which unlinks it)."""
-    shm = create(name, len(data))
-    shm.buf[:len(data)] = data
-    shm.close()
-
-
-def read_bytes(name: str, size: int) -> bytes:
-    shm = attach(name)
-    try:
-        return bytes(shm.buf[:size])
-    finally:
-        shm.close()
-
-
-def embedding_segment(prefix: str, key: str) -> str:
-    """The name of the segment holding the image `key`'s embedding rows (the embed cache's entries)."""
-    return f"{prefix}e{key}"
-
-
-def array_nbytes(shape: tuple[int, ...], dtype) -> int:
-    return HEADER.size + int(np.prod(shape)) * np.dtype(dtype).itemsize
-
-
-def write_array_header(buf, shape: tuple[int, ...], dtype) -> np.ndarray:
-    """Write the header into `buf` and return a writable array view of the data area."""
-    dims = list(shape) + [0] * (6 - len(shape))
-    HEADER.pack_into(buf, 0, MAGIC, DTYPE_CODES[np.dtype(dtype)], len(shape), *dims)
-    count = int(np.prod(shape))
-    return np.ndarray(shape, dtype=dtype, buffer=buf, offset=HEADER.size)[...] if count else np.empty(shape, dtype)
-
-
-def read_array(buf) -> np.ndarray:
-    """A zero-copy view of the array stored in `buf`."""
-    magic, code, ndim, *dims = HEADER.unpack_from(buf, 0)
-    if magic != MAGIC:
-        raise ValueError("shared memory segment does not hold a lightvlm array")
-    return np.ndarray(tuple(dims[:ndim]), dtype=DTYPES[code], buffer=buf, offset=HEADER.size)
 
 
 def sweep(prefix: str) -> list[str]:
@@ -94,3 +57,55 @@ def sweep(prefix: str) -> list[str]:
         except FileNotFoundError:
             pass
     return removed
+
+
+# ---- image bytes: the httpserver writes them, the visualserver hands them to an encoder and unlinks ----
+
+def bytes_segment(prefix: str, req_id: int, index: int) -> str:
+    return f"{prefix}b{req_id}_{index}"
+
+
+def write_bytes(name: str, data: bytes) -> None:
+    """A segment holding `data`, handed to another process (which unlinks it)."""
+    segment = create(name, len(data))
+    segment.buf[:len(data)] = data
+    segment.close()
+
+
+def read_bytes(name: str, size: int) -> bytes:
+    segment = attach(name)
+    try:
+        return bytes(segment.buf[:size])
+    finally:
+        segment.close()
+
+
+# ---- embedding rows: the embed cache's entries, written by encoder rank 0, read by the model workers ----
+
+def embedding_segment(prefix: str, key: str) -> str:
+    """The name of the segment holding the image `key`'s embedding rows."""
+    return f"{prefix}e{key}"
+
+
+def embeddings_nbytes(num_rows: int, width: int, dtype: torch.dtype) -> int:
+    """The one size function: a segment holding `num_rows` rows of `width` values of `dtype`."""
+    return HEADER.size + num_rows * width * torch.empty((), dtype=dtype).element_size()
+
+
+def write_embeddings(buf, embeds: torch.Tensor) -> None:
+    """Embedding rows [rows, width] into a buffer of at least `embeddings_nbytes` bytes."""
+    array = embeds.view(torch.uint16).numpy() if embeds.dtype == torch.bfloat16 else embeds.numpy()
+    dims = list(array.shape) + [0] * (6 - array.ndim)
+    HEADER.pack_into(buf, 0, MAGIC, DTYPE_CODES[array.dtype], array.ndim, *dims)
+    if array.size:
+        np.ndarray(array.shape, dtype=array.dtype, buffer=buf, offset=HEADER.size)[...] = array
+
+
+def read_embeddings(buf) -> torch.Tensor:
+    """A zero-copy tensor over the rows `write_embeddings` stored."""
+    magic, code, ndim, *dims = HEADER.unpack_from(buf, 0)
+    if magic != MAGIC:
+        raise ValueError("shared memory segment does not hold lightvlm embedding rows")
+    array = np.ndarray(tuple(dims[:ndim]), dtype=DTYPES[code], buffer=buf, offset=HEADER.size)
+    tensor = torch.from_numpy(array)
+    return tensor.view(torch.bfloat16) if array.dtype == np.uint16 else tensor

@@ -18,7 +18,7 @@ from lightvlm.common.distributed import SINGLE, TPGroup, kv_heads_per_rank
 from lightvlm.engine.infer_state import InferState, KVCache, PrefillChunk
 from lightvlm.engine.sampler import SamplingBatch, sample
 from lightvlm.io_struct import PENDING_TOKEN, ReqInit, StepInput, StepOutput, TokenLogprob
-from lightvlm.models.registry import LoadedCheckpoint
+from lightvlm.models.checkpoint import LoadedCheckpoint
 from lightvlm.models.weight_loader import build_part
 
 
@@ -46,7 +46,8 @@ class RunnerConfig:
 class RunnerReq:
     init: ReqInit
     row: int  # row of req_to_slots
-    num_cached: int = 0  # tokens whose K/V are written
+    positions: object  # the language model's plan for this request (models.layers.positions)
+    num_computed_tokens: int = 0  # tokens whose K/V are written
     generator: torch.Generator | None = None
     draws: int = 0  # samples drawn from `generator` (each one row of the vocabulary)
     seen: torch.Tensor | None = None  # [V] bool, for repetition penalty
@@ -56,13 +57,7 @@ class RunnerReq:
     @property
     def num_outputs(self) -> int:
         """Outputs sampled so far: all but the newest were fed back as inputs (read after the step)."""
-        return self.num_cached - self.init.prompt_len
-
-
-def build_language_model(ckpt: LoadedCheckpoint, tp: TPGroup, dtype: torch.dtype, device: str,
-                         load_workers: int = 1, show_progress: bool = True) -> torch.nn.Module:
-    return build_part("language", lambda: ckpt.family.language_module(ckpt.config, tp), ckpt.model_dir,
-                      ckpt.family.rename, dtype, device, load_workers, show_progress)
+        return self.num_computed_tokens - self.init.num_prompt_tokens
 
 
 class ModelRunner:
@@ -72,7 +67,7 @@ class ModelRunner:
         self.tp = tp
         self.device = torch.device(config.device)
         self.image_store = image_store
-        self.model = build_language_model(ckpt, tp, config.dtype, config.device, config.load_workers, show_progress)
+        self.model = build_part(ckpt, "language", tp, config.dtype, config.device, config.load_workers, show_progress)
         text = ckpt.config.text
         self.vocab_size = text.vocab_size
         # image rows carry hash-derived ids; for penalties they count as the family's image token
@@ -104,7 +99,8 @@ class ModelRunner:
             for key in held:
                 self.image_store.drop(key)
             raise
-        req = RunnerReq(init=init, row=self.free_rows.pop(), generator=generator)
+        positions = self.model.plan_positions(init.num_prompt_tokens, init.images)
+        req = RunnerReq(init=init, row=self.free_rows.pop(), positions=positions, generator=generator)
         if init.sampling.has_penalties:
             req.seen = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
             req.counts = torch.zeros(self.vocab_size, dtype=torch.float32, device=self.device)
@@ -184,10 +180,7 @@ class ModelRunner:
         if check is not None:
             check(step)
         state, sampled_ids = self.prepare(step)
-        embeds = self.model.embed(state.input_ids)
-        if state.image_rows is not None:
-            embeds[state.image_rows] = state.image_embeds.to(embeds.dtype)
-        logits = self.model(embeds, state, state.logit_rows)
+        logits = self.model(state)
         self._commit(step)  # the step ran through: only now advance what a rerun must not see advanced
         if not sampled_ids:
             return StepOutput(req_ids=(), token_ids=())
@@ -207,23 +200,24 @@ class ModelRunner:
         for req_id, n in zip(step.req_ids, step.num_new_tokens):
             req = self.reqs[req_id]
             if req.seen is not None:
-                self._track_penalty_tokens(req, req.num_cached, step.input_ids[row:row + n])
-            req.num_cached += n
+                self._track_penalty_tokens(req, req.num_computed_tokens, step.input_ids[row:row + n])
+            req.num_computed_tokens += n
             row += n
 
     def prepare(self, step: StepInput) -> tuple[InferState, list[int]]:
         """StepInput -> InferState. Changes nothing but the step's own slots, so a failed step can rerun."""
         dev = self.device
-        input_ids = torch.tensor(step.input_ids, dtype=torch.long)
+        vocab = self.vocab_size
+        input_ids = torch.tensor([t if t < vocab else 0 for t in step.input_ids], dtype=torch.long)
         new_slots = torch.tensor(step.new_slots, dtype=torch.long)
         positions, logit_rows, sampled_ids, prefills = [], [], [], []
         decode_rows, decode_lengths, decode_table_rows, image_rows, image_embeds = [], [], [], [], []
         row = 0
         for req_id, n, samples in zip(step.req_ids, step.num_new_tokens, step.samples):
             req = self.reqs[req_id]
-            start = req.num_cached
+            start = req.num_computed_tokens
             self.req_to_slots[req.row, start:start + n] = new_slots[row:row + n].to(dev)
-            positions.append(torch.arange(start, start + n))
+            positions.append(req.positions.slice(start, n))
             self._collect_images(req, start, n, row, image_rows, image_embeds)
             if n == 1:
                 decode_rows.append(row)
@@ -236,8 +230,8 @@ class ModelRunner:
                 sampled_ids.append(req_id)
             row += n
         state = InferState(
-            input_ids=torch.where(input_ids < self.vocab_size, input_ids, 0).to(dev),
-            positions=torch.cat(positions).to(dev),
+            input_ids=input_ids.to(dev),
+            positions=torch.cat(positions, dim=-1).to(dev),
             out_slots=new_slots.to(dev),
             kv=self.kv,
             logit_rows=torch.tensor(logit_rows, dtype=torch.long, device=dev),
@@ -258,7 +252,7 @@ class ModelRunner:
     def _collect_images(self, req: RunnerReq, start: int, n: int, row: int, rows: list, embeds: list) -> None:
         """Image embedding rows that fall inside this step's tokens [start, start + n) of the request."""
         for image in req.init.images:
-            lo, hi = max(start, image.offset), min(start + n, image.offset + image.length)
+            lo, hi = max(start, image.offset), min(start + n, image.offset + image.num_rows)
             if lo >= hi:
                 continue
             embedding = self.image_store[image.key]
@@ -266,12 +260,12 @@ class ModelRunner:
             embeds.append(embedding[lo - image.offset:hi - image.offset])
 
     def _track_penalty_tokens(self, req: RunnerReq, start: int, ids: tuple[int, ...]) -> None:
-        ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        image = -1 if self.image_token_id is None else self.image_token_id
+        ids = torch.tensor([t if t < self.vocab_size else image for t in ids], dtype=torch.long, device=self.device)
         positions = torch.arange(start, start + len(ids), device=self.device)
-        ids = ids.where(ids < self.vocab_size, -1 if self.image_token_id is None else self.image_token_id)
         known = ids >= 0
         req.seen[ids[known]] = True
-        outputs = ids[known & (positions >= req.init.prompt_len)]
+        outputs = ids[known & (positions >= req.init.num_prompt_tokens)]
         req.counts.index_add_(0, outputs, torch.ones(len(outputs), device=self.device))
 
     def _sample(self, req_ids: list[int], logits: torch.Tensor) -> StepOutput:

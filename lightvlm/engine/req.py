@@ -7,17 +7,9 @@ import time
 from dataclasses import dataclass, field
 from enum import IntEnum
 
-from lightvlm.io_struct import PENDING_TOKEN, ImageRef
+from lightvlm.common.identity import placeholder_id
+from lightvlm.io_struct import PENDING_TOKEN, ImageItem
 from lightvlm.sampling_params import SamplingParams
-
-# Image rows carry ids far above any vocabulary, derived from the image's hash, so that anything keyed
-# by token ids tells different images apart and shares identical ones. They never reach the embedding
-# table: the model runner writes the image's embeddings over those rows.
-IMAGE_ID_BASE = 100_000_000
-
-
-def image_placeholder_id(key: str) -> int:
-    return IMAGE_ID_BASE + int(key[:7], 16)
 
 
 class ReqStatus(IntEnum):
@@ -43,7 +35,7 @@ class Req:
     prompt_ids: list[int]
     sampling: SamplingParams
     max_total_len: int  # prompt + outputs never exceed this (the context limit)
-    images: tuple[ImageRef, ...] = ()
+    images: tuple[ImageItem, ...] = ()
     eos_token_ids: frozenset[int] = frozenset()
     output_ids: list[int] = field(default_factory=list)  # PENDING_TOKEN where a step in flight samples
     status: ReqStatus = ReqStatus.WAITING
@@ -54,8 +46,8 @@ class Req:
 
     def __post_init__(self):
         self.prompt_ids = list(self.prompt_ids)
-        for image in self.images:  # image identity in token ids (see IMAGE_ID_BASE)
-            self.prompt_ids[image.offset:image.offset + image.length] = [image_placeholder_id(image.key)] * image.length
+        for image in self.images:  # image identity in token ids (common/identity.py)
+            self.prompt_ids[image.offset:image.offset + image.num_rows] = [placeholder_id(image.key)] * image.num_rows
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -21,7 +21,7 @@ from lightvlm.io_struct import ReqInit, StepInput
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_total_token_num: int  # KV slots in the pool
+    num_slots: int  # KV slots in the pool
     batch_max_tokens: int  # tokens computed per step, prefill chunks included
     running_max_req_size: int  # requests in the running batch
 
@@ -76,7 +76,7 @@ def predicted_peak(usages: list[tuple[int, int]]) -> int:
 class Scheduler:
     def __init__(self, config: SchedulerConfig, allocator: TokenAllocator | None = None):
         self.config = config
-        self.allocator = allocator or TokenAllocator(config.max_total_token_num)
+        self.allocator = allocator or TokenAllocator(config.num_slots)
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
         self.reqs: dict[int, Req] = {}  # every unfinished request, by id
@@ -86,9 +86,9 @@ class Scheduler:
     # -- requests in and out -------------------------------------------------------------------
 
     def add(self, req: Req) -> None:
-        if req.max_kv_tokens > self.config.max_total_token_num:
+        if req.max_kv_tokens > self.config.num_slots:
             raise ValueError(f"request {req.req_id} needs up to {req.max_kv_tokens} KV slots but the pool "
-                             f"has {self.config.max_total_token_num}")
+                             f"has {self.config.num_slots}")
         self.waiting.append(req)
         self.reqs[req.req_id] = req
 
@@ -172,7 +172,7 @@ class Scheduler:
     def _fits(self, candidate: Req) -> bool:
         usages = [(len(r.kv_slots), max(0, r.max_kv_tokens - len(r.kv_slots))) for r in self.running]
         usages.append((0, candidate.max_kv_tokens))
-        return predicted_peak(usages) <= self.config.max_total_token_num
+        return predicted_peak(usages) <= self.config.num_slots
 
     def _make_room(self, n: int, req: Req) -> bool:
         """Free slots for `req` by preempting the most recently admitted requests behind it (not yet

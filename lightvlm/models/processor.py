@@ -9,7 +9,7 @@ This module and the families' `processor.py` are the only model code the httpser
 torch here.
 """
 
-import importlib
+import io
 import json
 import re
 from dataclasses import dataclass, field
@@ -22,6 +22,8 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from PIL import Image
 
+from lightvlm.io_struct import ImageItem
+
 # Placeholders any family accepts in a raw prompt (the native /generate API); families add their own.
 GENERIC_PLACEHOLDERS = ("<img></img>", "<image>")
 
@@ -30,34 +32,10 @@ class PromptError(ValueError):
     """The prompt and the images do not fit together; the message says how."""
 
 
-@dataclass(frozen=True)
-class ImageSpan:
-    """Where one image's embedding rows sit in the prompt ids."""
-
-    offset: int  # index of the first embedding row
-    length: int  # number of embedding rows (tiles x tokens per tile for InternVL)
-
-
 @dataclass
 class Prompt:
     input_ids: list[int]
-    image_spans: list[ImageSpan] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class ImageLayout:
-    """How one image of a given size is cut and how many embedding rows it becomes."""
-
-    num_tiles: int
-    num_rows: int
-    span_ids: tuple[int, ...]  # the ids of the whole span, start/end markers included
-    first_row: int  # index of the first embedding row inside span_ids
-
-
-def load_processor(processor_class: str, model_dir: str | Path) -> "BaseProcessor":
-    """Import "module:Class" (a family's processor) and build it from the checkpoint folder."""
-    module, name = processor_class.split(":")
-    return getattr(importlib.import_module(module), name).from_model_dir(model_dir)
+    images: list[ImageItem] = field(default_factory=list)  # placed (offset, num_rows, grid), not yet named
 
 
 # Sampling settings a checkpoint's generation_config.json may set; a request that leaves them unset gets
@@ -109,15 +87,11 @@ def read_json(path: Path) -> dict:
 
 
 class BaseProcessor:
-    """Family processors set `image_token` (the placeholder their chat template emits), and implement
-    `image_layout(width, height)` and `preprocess(image)`."""
+    """What every family's processor shares. A family sets `image_token` (the placeholder its chat
+    template writes) and implements `settings`, `image_grid`, `image_span` and `preprocess`; a
+    text-only family leaves them and `image_token` unset."""
 
-    image_token: str
-
-    @classmethod
-    def from_model_dir(cls, model_dir: str | Path) -> "BaseProcessor":
-        """Build from the checkpoint folder alone (reads what it needs from config.json)."""
-        raise NotImplementedError
+    image_token: str | None = None
 
     def __init__(self, model_dir: str | Path):
         from transformers import AutoTokenizer  # tokenizers-backed; the same class transformers uses
@@ -126,10 +100,22 @@ class BaseProcessor:
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
         template = load_chat_template(self.model_dir)
         self.chat_template = compile_chat_template(template) if template else None
-        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
-        names = sorted({self.image_token, *GENERIC_PLACEHOLDERS}, key=len, reverse=True)
-        self.placeholder_re = re.compile("|".join(re.escape(n) for n in names))  # raw prompts (/generate)
-        self.chat_placeholder_re = re.compile(re.escape(self.image_token))  # what the chat template writes
+        self.image_token_id = None
+        if self.image_token is not None:
+            self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+            if self.image_token_id is None or self.image_token_id == self.tokenizer.unk_token_id:
+                raise ValueError(f"the tokenizer in {self.model_dir} has no {self.image_token} token, which this "
+                                 "model's prompts need for images")
+            names = sorted({self.image_token, *GENERIC_PLACEHOLDERS}, key=len, reverse=True)
+            self.placeholder_re = re.compile("|".join(re.escape(n) for n in names))  # raw prompts (/generate)
+            self.chat_placeholder_re = re.compile(re.escape(self.image_token))  # what the chat template writes
+
+    def token_id(self, token: str) -> int:
+        """The id of a token the family's prompts need; a clear error if the tokenizer lacks it."""
+        token_id = self.tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == self.tokenizer.unk_token_id:
+            raise ValueError(f"the tokenizer in {self.model_dir} has no {token} token, which this model needs")
+        return token_id
 
     # -- text ------------------------------------------------------------------------------------
 
@@ -141,16 +127,18 @@ class BaseProcessor:
         return self.chat_template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
                                          documents=None, **special)
 
-    def encode(self, text: str, image_sizes: list[tuple[int, int]], add_special_tokens: bool = True,
+    def encode(self, text: str, grids: list[tuple[int, ...]], add_special_tokens: bool = True,
                placeholders: re.Pattern | None = None) -> Prompt:
-        """Tokenize `text`, expanding its i-th image placeholder into the span of the i-th image.
-
-        image_sizes are (width, height). Raises PromptError when the counts differ. By default the
-        family's tag, `<image>` and `<img></img>` all mark images (raw prompts).
-        """
+        """Tokenize `text`, expanding its i-th image placeholder into the span of the image of grid i
+        (`image_grid` of its size). Raises PromptError when the counts differ. By default the family's
+        tag, `<image>` and `<img></img>` all mark images (raw prompts)."""
+        if self.image_token is None:
+            if grids:
+                raise PromptError("this model takes no images (a text-only language model)")
+            return Prompt(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
         pieces = (placeholders or self.placeholder_re).split(text)
-        if len(pieces) - 1 != len(image_sizes):
-            raise PromptError(f"the prompt has {len(pieces) - 1} image placeholder(s) but {len(image_sizes)} "
+        if len(pieces) - 1 != len(grids):
+            raise PromptError(f"the prompt has {len(pieces) - 1} image placeholder(s) but {len(grids)} "
                               f"image(s) were given; put one placeholder ({self.image_token}, <image> or "
                               "<img></img>) where each image goes")
         # One marker token per image, then each marker is swapped for the image's span ids. Added
@@ -158,25 +146,25 @@ class BaseProcessor:
         marked = self.image_token.join(pieces)
         ids = self.tokenizer(marked, add_special_tokens=add_special_tokens)["input_ids"]
         prompt = Prompt(input_ids=[])
-        sizes = iter(image_sizes)
+        grids = iter(grids)
         for token in ids:
             if token != self.image_token_id:
                 prompt.input_ids.append(token)
                 continue
-            layout = self.image_layout(*next(sizes))
-            offset = len(prompt.input_ids) + layout.first_row
-            prompt.image_spans.append(ImageSpan(offset, layout.num_rows))
-            prompt.input_ids.extend(layout.span_ids)
+            grid = next(grids)
+            span_ids, first_row, num_rows = self.image_span(grid)
+            prompt.images.append(ImageItem("", len(prompt.input_ids) + first_row, num_rows, grid))
+            prompt.input_ids.extend(span_ids)
         return prompt
 
-    def encode_chat(self, messages: list[dict], image_sizes: list[tuple[int, int]],
+    def encode_chat(self, messages: list[dict], grids: list[tuple[int, ...]],
                     add_generation_prompt: bool = True) -> Prompt:
         text = self.apply_chat_template(messages, add_generation_prompt)
         # As transformers does: a template that writes BOS itself must not get a second one; and only
         # the tag the template writes for an image marks one (a user may write "<image>" as text).
         bos = self.tokenizer.bos_token
-        return self.encode(text, image_sizes, add_special_tokens=not (bos and text.startswith(bos)),
-                           placeholders=self.chat_placeholder_re)
+        return self.encode(text, grids, add_special_tokens=not (bos and text.startswith(bos)),
+                           placeholders=self.chat_placeholder_re if self.image_token else None)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -185,15 +173,27 @@ class BaseProcessor:
 
     @property
     def settings(self) -> str:
-        """The preprocessing settings, hashed together with an image's bytes into its cache key."""
+        """The preprocessing settings, hashed together with an image's bytes into its key."""
         raise NotImplementedError
 
-    def image_layout(self, width: int, height: int) -> ImageLayout:
+    def image_grid(self, width: int, height: int) -> tuple[int, ...]:
+        """How an image of this size is laid out (tiles, or patches at its resized resolution)."""
         raise NotImplementedError
 
-    def preprocess(self, image: Image.Image) -> np.ndarray:
-        """image -> pixel values [tiles, 3, S, S] float32, exactly as the reference processor."""
+    def image_span(self, grid: tuple[int, ...]) -> tuple[tuple[int, ...], int, int]:
+        """(the span's ids, start/end markers included; index of its first embedding row; number of rows)"""
         raise NotImplementedError
+
+    def preprocess(self, image: Image.Image, grid: tuple[int, ...]) -> np.ndarray:
+        """image -> pixel values for `grid`, exactly as the reference processor makes them."""
+        raise NotImplementedError
+
+
+class TextProcessor(BaseProcessor):
+    """Text-only language models: tokenizer and chat template, no images."""
+
+    def __init__(self, model_dir: str | Path, config=None):
+        super().__init__(model_dir)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -245,3 +245,10 @@ def split_messages(messages: list[dict]) -> tuple[list[dict], list]:
                 raise PromptError(f"unsupported content part type {kind!r}; use 'text', 'image_url' or 'image'")
         templated.append({**message, "content": parts})
     return templated, sources
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """An image file's bytes -> a fully decoded PIL image (the one decode both shells do)."""
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image

@@ -2,7 +2,11 @@
 
 from dataclasses import dataclass
 
-SUPPORTED_BACKBONES = ("qwen2", "llama")
+# What a backbone fixes that its config.json does not state (the rest is read from the config).
+BACKBONES: dict[str, dict] = {
+    "qwen2": {"qkv_bias": True, "o_bias": False},
+    "llama": {},
+}
 
 
 @dataclass(frozen=True)
@@ -26,24 +30,29 @@ class TextConfig:
     o_bias: bool
     mlp_bias: bool
     tie_word_embeddings: bool
+    rope_form: str = "1d"  # models.layers.rotary.ROTARY_FORMS: "1d", "mrope", "mrope_interleaved"
+    mrope_section: tuple[int, ...] = ()
 
     @classmethod
-    def from_hf(cls, hf: dict, tie_word_embeddings: bool | None = None) -> "TextConfig":
-        model_type = hf.get("model_type", "llama")
-        if model_type not in SUPPORTED_BACKBONES:
-            supported = ", ".join(SUPPORTED_BACKBONES)
-            raise ValueError(f"unsupported language model type {model_type!r}; supported: {supported}")
+    def from_hf(cls, hf: dict, tie_word_embeddings: bool | None = None, **overrides) -> "TextConfig":
+        """`overrides` are what the family knows better than the dict (its rope form, a model type)."""
+        model_type = overrides.pop("model_type", hf.get("model_type", "llama"))
+        if model_type not in BACKBONES:
+            raise ValueError(f"unsupported language model type {model_type!r}; supported: {', '.join(BACKBONES)}")
         if hf.get("use_sliding_window"):
             raise ValueError("Qwen2 sliding-window attention (use_sliding_window=true) is not supported")
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
         if "type" in rope and "rope_type" not in rope:
             rope["rope_type"] = rope.pop("type")
+        if rope.get("rope_type") == "mrope":  # transformers reads it as the default scaling with sections
+            rope["rope_type"] = "default"
         theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
         num_heads = hf["num_attention_heads"]
         attention_bias = hf.get("attention_bias", False)
+        backbone = BACKBONES[model_type]
         if tie_word_embeddings is None:
             tie_word_embeddings = hf.get("tie_word_embeddings", False)
-        return cls(
+        fields = dict(
             model_type=model_type,
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
@@ -57,8 +66,11 @@ class TextConfig:
             rope_scaling=rope if rope.get("rope_type", "default") != "default" else None,
             max_position_embeddings=hf.get("max_position_embeddings", 32768),
             hidden_act=hf.get("hidden_act", "silu"),
-            qkv_bias=True if model_type == "qwen2" else attention_bias,
-            o_bias=False if model_type == "qwen2" else attention_bias,
+            qkv_bias=backbone.get("qkv_bias", attention_bias),
+            o_bias=backbone.get("o_bias", attention_bias),
             mlp_bias=hf.get("mlp_bias", False),
             tie_word_embeddings=tie_word_embeddings,
+            mrope_section=tuple(rope.get("mrope_section", ())),
         )
+        fields.update(overrides)
+        return cls(**fields)

@@ -6,7 +6,6 @@ Each checkpoint tensor is renamed by the family (`rename`), routed to one of the
 takes this rank's slice. Shards are read by `load_workers` threads (env `LOADWORKER`).
 """
 
-import json
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +15,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
+
+from lightvlm.models.checkpoint import CheckpointError, LoadedCheckpoint, checkpoint_dtype, checkpoint_files
+from lightvlm.models.registry import load_object
 
 # (fused parameter, checkpoint name, shard id)
 STACKED_PARAMS = (
@@ -27,52 +29,6 @@ STACKED_PARAMS = (
 )
 
 Rename = Callable[[str], "tuple[str, str] | None"]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder that cannot be loaded; the message says what is wrong with it."""
-
-
-def checkpoint_files(model_dir: str | Path) -> list[Path]:
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise CheckpointError(f"model folder {model_dir} does not exist")
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        missing = [n for n in names if not (model_dir / n).exists()]
-        if missing:
-            raise CheckpointError(f"{index} names shards that are not in the folder: {', '.join(missing)}")
-        return [model_dir / n for n in names]
-    single = model_dir / "model.safetensors"
-    if single.exists():
-        return [single]
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"no safetensors weights in {model_dir} (expected model.safetensors or "
-                              "model.safetensors.index.json with its shards)")
-    return files
-
-
-def checkpoint_tensor_names(model_dir: str | Path) -> list[str]:
-    index = Path(model_dir) / "model.safetensors.index.json"
-    if index.exists():
-        return list(json.loads(index.read_text())["weight_map"])
-    names = []
-    for path in checkpoint_files(model_dir):
-        with safe_open(path, framework="pt") as f:
-            names.extend(f.keys())
-    return names
-
-
-def checkpoint_dtype(model_dir: str | Path) -> torch.dtype:
-    """The dtype of the first floating tensor in the checkpoint."""
-    with safe_open(checkpoint_files(model_dir)[0], framework="pt") as f:
-        for name in f.keys():
-            dtype = f.get_slice(name).get_dtype()
-            if dtype in ("F32", "BF16", "F16"):
-                return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[dtype]
-    return torch.float32
 
 
 def _resolve(params: dict[str, nn.Parameter], name: str):
@@ -132,26 +88,31 @@ def load_weights(modules: dict[str, nn.Module], model_dir: str | Path, rename: R
                 raise CheckpointError(f"checkpoint {model_dir} is missing the tensor for {part}.{name}{what}")
 
 
-def build_part(part: str, constructor, model_dir: str | Path, rename: Rename, dtype: torch.dtype, device: str,
-               load_workers: int = 1, show_progress: bool = True) -> nn.Module:
-    """Build one half of a model ("visual" or "language") in `dtype` on `device` and load its weights."""
+def build_part(ckpt: LoadedCheckpoint, part: str, tp, dtype: torch.dtype, device: str, load_workers: int = 1,
+               show_progress: bool = True) -> nn.Module:
+    """Build one half of the model ("visual" or "language") in `dtype` on `device` and load its weights."""
+    family = ckpt.family
+    constructor = load_object(family.visual_class if part == "visual" else family.language_class)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            module = constructor()
+            module = constructor(ckpt.config, tp)
     finally:
         torch.set_default_dtype(previous)
-    load_weights({part: module}, model_dir, rename, load_workers, show_progress)
+    load_weights({part: module}, ckpt.model_dir, family.rename, load_workers, show_progress)
     return module.eval()
+
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 def resolve_dtype(data_type: str | None, device: str, model_dir: str | Path) -> torch.dtype:
     """--data_type, or by default fp32 on the CPU and the checkpoint's own dtype on CUDA."""
-    names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
     if data_type is None or data_type == "auto":
-        return checkpoint_dtype(model_dir) if device.startswith("cuda") else torch.float32
-    if data_type not in names:
+        return SAFETENSORS_DTYPES[checkpoint_dtype(model_dir)] if device.startswith("cuda") else torch.float32
+    if data_type not in DTYPES:
         raise ValueError(f"unknown data type {data_type!r}; use one of fp32, bf16, fp16")
-    return names[data_type]
+    return DTYPES[data_type]

@@ -1,18 +1,17 @@
 """An encoder worker: one rank of one vision-encoder replica, behind rpyc.
 
-`encode(pickled [EncodeJob])` decodes each image from shared memory, preprocesses it with the family's
-processor, runs the vision tower and projector as one batch, and (rank 0) writes each image's rows
+`encode(pickled tuple[ImageItem])` decodes each image from its bytes in shared memory (the only
+decode on the image's way through the server), preprocesses it for its grid with the family's
+processor, runs the vision tower and projector over the batch, and (rank 0) writes each image's rows
 into its cache entry. A batch that raises is retried image by image, so one bad image fails alone.
 """
 
 import hashlib
-import io
 import os
 import pickle
 
 import numpy as np
 import torch
-from PIL import Image
 
 from lightvlm.common import shm
 from lightvlm.common.cpu_share import thread_policy, threads_for, working
@@ -21,9 +20,10 @@ from lightvlm.common.logging import get_logger
 from lightvlm.common.process import run_room
 from lightvlm.common.rpc import NoDelayService, serve
 from lightvlm.config import ServerConfig
-from lightvlm.engine.visual_encoder import VisualEncoder, write_embeddings
-from lightvlm.io_struct import EncodeJob, EncodeResult
-from lightvlm.models.registry import LoadedCheckpoint
+from lightvlm.engine.visual_encoder import VisualEncoder
+from lightvlm.io_struct import EncodeResult, ImageItem
+from lightvlm.models.checkpoint import LoadedCheckpoint
+from lightvlm.models.processor import decode_image
 from lightvlm.models.weight_loader import resolve_dtype
 
 logger = get_logger(__name__)
@@ -32,12 +32,13 @@ FAULT_ENV = "LIGHTVLM_FAULT_IMAGE_MD5"  # tests: the encoder raises on the image
 
 
 class EncoderService(NoDelayService):
-    def __init__(self, encoder: VisualEncoder, processor, store_dtype: torch.dtype, is_writer: bool,
+    def __init__(self, encoder: VisualEncoder, processor, store_dtype: torch.dtype, prefix: str, is_writer: bool,
                  cpu_share=None):
         super().__init__()
         self.cpu_share = cpu_share
         self.encoder, self.processor = encoder, processor
         self.store_dtype = store_dtype
+        self.prefix = prefix
         self.is_writer = is_writer
         self.fault_md5 = os.environ.get(FAULT_ENV)
         self.faulty_keys: set[str] = set()
@@ -46,46 +47,44 @@ class EncoderService(NoDelayService):
         with working(self.cpu_share):
             return self._encode(pickle.loads(payload))
 
-    def _encode(self, jobs: list[EncodeJob]) -> bytes:
+    def _encode(self, items: list[ImageItem]) -> bytes:
         results: dict[str, EncodeResult] = {}
         pixels: dict[str, np.ndarray] = {}
-        for job in jobs:
+        for item in items:
             try:
-                pixels[job.key] = self._load(job)
+                pixels[item.key] = self._load(item)
             except Exception as e:  # noqa: BLE001 (a bad image fails its own requests only)
-                results[job.key] = EncodeResult(job.key, f"the image could not be decoded: {e}", status=400)
-        ready = [job for job in jobs if job.key in pixels]
+                results[item.key] = EncodeResult(item.key, f"the image could not be decoded: {e}", status=400)
+        ready = [item for item in items if item.key in pixels]
         try:
             self._encode_and_store(ready, pixels)
         except Exception:  # noqa: BLE001
-            for job in ready:  # find the culprit: one image at a time
+            for item in ready:  # find the culprit: one image at a time
                 try:
-                    self._encode_and_store([job], pixels)
+                    self._encode_and_store([item], pixels)
                 except Exception as e:  # noqa: BLE001
-                    logger.exception("vision encoder failed on image %s", job.key)
-                    results[job.key] = EncodeResult(job.key, f"the vision encoder failed: {type(e).__name__}: {e}")
-        return pickle.dumps([results.get(job.key, EncodeResult(job.key)) for job in jobs])
+                    logger.exception("vision encoder failed on image %s", item.key)
+                    results[item.key] = EncodeResult(item.key, f"the vision encoder failed: {type(e).__name__}: {e}")
+        return pickle.dumps([results.get(item.key, EncodeResult(item.key)) for item in items])
 
-    def _load(self, job: EncodeJob) -> np.ndarray:
-        data = shm.read_bytes(job.src_shm, job.num_bytes)
-        image = Image.open(io.BytesIO(data))
-        image.load()
+    def _load(self, item: ImageItem) -> np.ndarray:
+        data = shm.read_bytes(item.shm_name, item.num_bytes)
         if self.fault_md5 and hashlib.md5(data).hexdigest() == self.fault_md5:
-            self.faulty_keys.add(job.key)
-        return self.processor.preprocess(image)
+            self.faulty_keys.add(item.key)
+        return self.processor.preprocess(decode_image(data), item.grid)
 
-    def _encode_and_store(self, jobs: list[EncodeJob], pixels: dict[str, np.ndarray]) -> None:
-        if not jobs:
+    def _encode_and_store(self, items: list[ImageItem], pixels: dict[str, np.ndarray]) -> None:
+        if not items:
             return
-        if any(job.key in self.faulty_keys for job in jobs):
+        if any(item.key in self.faulty_keys for item in items):
             raise RuntimeError(f"injected encoder fault ({FAULT_ENV})")
-        embeds = self.encoder.encode([pixels[job.key] for job in jobs])
+        embeds = self.encoder.encode([pixels[item.key] for item in items], [item.grid for item in items])
         if not self.is_writer:
             return
-        for job, rows in zip(jobs, embeds):
-            segment = shm.attach(job.dst_shm)
+        for item, rows in zip(items, embeds):
+            segment = shm.attach(shm.embedding_segment(self.prefix, item.key))
             try:
-                write_embeddings(segment.buf, rows.to(self.store_dtype))
+                shm.write_embeddings(segment.buf, rows.to(self.store_dtype))
             finally:
                 segment.close()
 
@@ -103,8 +102,8 @@ def start_encoder_process(config: ServerConfig, replica: int, rank: int, pipe) -
         dtype = resolve_dtype(config.model.data_type, device.type, config.model.model_dir)
         encoder = VisualEncoder(ckpt, dtype, str(device), tp=tp, load_workers=config.model.load_workers,
                                 show_progress=index == 0)
-        processor = ckpt.make_processor()
-        service = EncoderService(encoder, processor, dtype, is_writer=tp.is_first, cpu_share=share)
+        service = EncoderService(encoder, ckpt.processor, dtype, config.runtime.shm_prefix, is_writer=tp.is_first,
+                                 cpu_share=share)
         logger.info("encoder replica %d rank %d ready on %s, %s", replica, rank, device, thread_policy(share))
         return lambda: serve(service, config.runtime.visual_ports[index])
 

@@ -22,7 +22,9 @@ from lightvlm.common.process import run_room
 from lightvlm.common.rpc import WorkerGroup
 from lightvlm.common.stats import LATENCY_BUCKETS, SIZE_BUCKETS, Histogram
 from lightvlm.config import ServerConfig
-from lightvlm.io_struct import AbortReq, EncodeJob, EncodeResult, GenerateReq, ReleaseImages, ReqError, RoomStats
+from lightvlm.io_struct import AbortReq, EncodeResult, GenerateReq, ImageItem, ReleaseImages, ReqError, RoomStats
+from lightvlm.models.checkpoint import LoadedCheckpoint
+from lightvlm.models.weight_loader import resolve_dtype
 from lightvlm.visualserver.embed_cache import EmbedCache
 
 logger = get_logger(__name__)
@@ -38,16 +40,16 @@ class PendingReq:
 
 
 class VisualManager:
-    def __init__(self, config: ServerConfig, row_bytes: int):
+    def __init__(self, config: ServerConfig, row_width: int, dtype):
         self.config = config
-        self.row_bytes = row_bytes  # bytes of one embedding row in the cache
+        self.row_width, self.dtype = row_width, dtype  # of the embedding rows in the cache
         self.prefix = config.runtime.shm_prefix
         self.segments: dict[str, object] = {}
         self.cache = EmbedCache(config.visual.cache_capacity, config.visual.cache_max_bytes,
                                 create=self._create_segment, destroy=self._destroy_segment)
         self.pending: dict[int, PendingReq] = {}
         self.parked: deque[GenerateReq] = deque()  # waiting for room in the cache
-        self.jobs: deque[EncodeJob] = deque()
+        self.jobs: deque[ImageItem] = deque()
         self.job_sources: dict[str, str] = {}  # key -> bytes segment being encoded
         context = zmq.Context.instance()
         self.inbox = Inbox(context, config.runtime.endpoint("visualserver"))
@@ -99,14 +101,14 @@ class VisualManager:
 
     # -- requests ------------------------------------------------------------------------------
 
-    def entry_bytes(self, rows: int) -> int:
-        return shm.HEADER.size + rows * self.row_bytes
+    def entry_bytes(self, num_rows: int) -> int:
+        return shm.embeddings_nbytes(num_rows, self.row_width, self.dtype)
 
     def admit(self, req: GenerateReq) -> None:
         if not req.images:
             self.to_router.send(req)
             return
-        sizes = {item.key: self.entry_bytes(item.length) for item in req.images}
+        sizes = {item.key: self.entry_bytes(item.num_rows) for item in req.images}
         problem = self.cache.can_ever_hold(sizes)
         if problem:
             self.reject(req, 400, f"this request needs more embedding cache than exists: {problem}")
@@ -125,7 +127,7 @@ class VisualManager:
                     self.undo(req.req_id, pending.held, created)
                     return False
                 item = next(i for i in req.images if i.key == key)
-                self.jobs.append(EncodeJob(key, item.shm_name, item.num_bytes, shm.embedding_segment(self.prefix, key)))
+                self.jobs.append(item)
                 self.job_sources[key] = item.shm_name
                 created.append(key)
             pending.held.append(key)
@@ -149,7 +151,7 @@ class VisualManager:
     def admit_parked(self) -> None:
         while self.parked:
             req = self.parked[0]
-            if not self.try_start(req, {i.key: self.entry_bytes(i.length) for i in req.images}):
+            if not self.try_start(req, {i.key: self.entry_bytes(i.num_rows) for i in req.images}):
                 return
             self.parked.popleft()
 
@@ -212,12 +214,12 @@ class VisualManager:
                 results = [EncodeResult(job.key, error) for job in batch]
             out.send(pickle.dumps((batch, results, time.monotonic() - started)))
 
-    def finish_batch(self, batch: list[EncodeJob], results: list[EncodeResult], seconds: float) -> None:
+    def finish_batch(self, batch: list[ImageItem], results: list[EncodeResult], seconds: float) -> None:
         self.busy -= 1
         self.batch_sizes.observe(len(batch))
         self.batch_seconds.observe(seconds)
         for job, result in zip(batch, results):
-            shm.unlink(job.src_shm)
+            shm.unlink(job.shm_name)
             self.job_sources.pop(job.key, None)
             entry = self.cache.entries.get(job.key)
             if entry is None:
@@ -260,8 +262,10 @@ class VisualManager:
             self.to_http.send(RoomStats("visualserver", values, histograms))
 
 
-def start_visual_process(config: ServerConfig, row_bytes: int, pipe) -> None:
+def start_visual_process(config: ServerConfig, pipe) -> None:
     def start():
-        return VisualManager(config, row_bytes).loop
+        ckpt = LoadedCheckpoint.open(config.model.model_dir)
+        dtype = resolve_dtype(config.model.data_type, config.model.device, config.model.model_dir)
+        return VisualManager(config, ckpt.embedding_width, dtype).loop
 
     run_room("visualserver", pipe, config.log_level, start)

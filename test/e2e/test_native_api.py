@@ -8,7 +8,7 @@ import requests
 
 from lightvlm import GenerationConfig
 
-from helpers import image_bytes, load_image
+from helpers import grids, image_bytes, load_image
 
 MESSAGES = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}]
 
@@ -39,7 +39,8 @@ def test_base64_image_gives_the_pipelines_tokens(main_server, tiny_pipe):
     out = response.json()
     assert [t["id"] for t in out["tokens"]] == pipeline_tokens(tiny_pipe, "rocket.jpg")
     assert isinstance(out["generated_text"], list) and out["count_output_tokens"] == len(out["tokens"])
-    expected_prompt = tiny_pipe.processor.encode_chat(MESSAGES, [load_image("rocket.jpg").size]).input_ids
+    processor = tiny_pipe.processor
+    expected_prompt = processor.encode_chat(MESSAGES, grids(processor, [load_image("rocket.jpg")])).input_ids
     assert out["prompt_tokens"] == len(expected_prompt)
 
 
@@ -101,7 +102,7 @@ You are a helpful assistant.<|im_end|>
     tokenizer = tiny_pipe.processor.tokenizer
     stop_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")]
     prompt = tiny_pipe.processor.encode(query.replace("<img></img>", "<IMG_CONTEXT>"),
-                                        [load_image("astronaut.jpg").size])
+                                        grids(tiny_pipe.processor, [load_image("astronaut.jpg")]))
     details = main_server.post("/generate", {**data, "parameters": {**data["parameters"], "return_details": True}})
     ids = [t["id"] for t in details.json()["tokens"]]
     assert len(ids) == result["count_output_tokens"] and len(prompt.input_ids) == result["prompt_tokens"]
@@ -133,7 +134,8 @@ def test_tokens_counts_image_tokens(main_server, tiny_pipe):
     prompt = native_prompt(tiny_pipe)
     out = main_server.post("/tokens", {"text": prompt, "multimodal_params": {
         "images": [{"type": "base64", "data": b64("coffee.jpg")}]}}).json()
-    expected = tiny_pipe.processor.encode_chat(MESSAGES, [load_image("coffee.jpg").size]).input_ids
+    processor = tiny_pipe.processor
+    expected = processor.encode_chat(MESSAGES, grids(processor, [load_image("coffee.jpg")])).input_ids
     assert out == {"ntokens": len(expected)}
 
 

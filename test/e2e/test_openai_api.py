@@ -11,7 +11,7 @@ import torch
 from lightvlm import GenerationConfig
 from lightvlm.models.processor import split_messages
 
-from helpers import image_bytes, load_image
+from helpers import grids, image_bytes, load_image
 from hf_reference import hf_inputs, hf_model
 
 
@@ -91,7 +91,7 @@ def test_three_turns_with_an_image_in_the_first(client, tiny_pipe, tiny_qwen2):
     assert r.usage.prompt_tokens == expected.input_token_len
     # the ids the engine built are transformers' ids: the image sits inside the first user turn
     templated, sources = split_messages(three_turns())
-    ids = tiny_pipe.processor.encode_chat(templated, [load_image("chelsea.png").size]).input_ids
+    ids = tiny_pipe.processor.encode_chat(templated, grids(tiny_pipe.processor, [load_image("chelsea.png")])).input_ids
     assert ids == hf_prompt_ids(tiny_qwen2, three_turns())
     start = ids.index(tiny_pipe.processor.start_id)
     tokenizer = tiny_pipe.processor.tokenizer

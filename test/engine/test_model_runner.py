@@ -6,8 +6,8 @@ import pytest
 from lightvlm.engine.model_runner import ModelRunner, RunnerConfig
 from lightvlm.engine.req import Req, ReqStatus
 from lightvlm.engine.scheduler import Scheduler, SchedulerConfig
-from lightvlm.io_struct import PENDING_TOKEN, ImageRef, StepInput
-from lightvlm.models.registry import LoadedCheckpoint
+from lightvlm.io_struct import PENDING_TOKEN, ImageItem, StepInput
+from lightvlm.models.checkpoint import LoadedCheckpoint
 from lightvlm.pipeline import ImageStore
 from lightvlm.sampling_params import SamplingParams
 
@@ -59,7 +59,7 @@ def test_a_request_whose_image_is_missing_fails_alone(runner):
     run(runner, [alone])
     good = Req(1, prompt(0), SamplingParams(max_new_tokens=5), 512)
     bad = Req(2, [1, 2, 3, 4, 5, 6], SamplingParams(max_new_tokens=5), 512,
-              images=(ImageRef("0123456789abcdef", 2, 2),))
+              images=(ImageItem("0123456789abcdef", 2, 2, (1, 1)),))
     failed = run(runner, [good, bad])
     assert set(failed) == {2} and "KeyError" in failed[2]
     assert good.output_ids == alone.output_ids

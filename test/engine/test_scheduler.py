@@ -34,7 +34,7 @@ def test_predicted_peak():
 
 
 def test_decodes_and_prefill_chunks_share_the_token_budget():
-    scheduler = Scheduler(SchedulerConfig(max_total_token_num=1000, batch_max_tokens=16, running_max_req_size=8))
+    scheduler = Scheduler(SchedulerConfig(num_slots=1000, batch_max_tokens=16, running_max_req_size=8))
     scheduler.add(make_req(0, 4, 10))
     run_step(scheduler)  # request 0 prefilled and sampled its first token
     scheduler.add(make_req(1, 40, 5))
@@ -49,7 +49,7 @@ def test_decodes_and_prefill_chunks_share_the_token_budget():
 
 
 def test_admission_waits_for_predicted_peak():
-    scheduler = Scheduler(SchedulerConfig(max_total_token_num=100, batch_max_tokens=1000, running_max_req_size=8))
+    scheduler = Scheduler(SchedulerConfig(num_slots=100, batch_max_tokens=1000, running_max_req_size=8))
     scheduler.add(make_req(0, 30, 40))  # peaks at 69 slots
     scheduler.add(make_req(1, 20, 20))  # would push the peak past 100
     batch, _ = run_step(scheduler)
@@ -63,7 +63,7 @@ def test_admission_waits_for_predicted_peak():
 
 
 def test_running_max_req_size_caps_the_batch():
-    scheduler = Scheduler(SchedulerConfig(max_total_token_num=10_000, batch_max_tokens=1000, running_max_req_size=3))
+    scheduler = Scheduler(SchedulerConfig(num_slots=10_000, batch_max_tokens=1000, running_max_req_size=3))
     for i in range(5):
         scheduler.add(make_req(i, 5, 3))
     batch, _ = run_step(scheduler)
@@ -71,7 +71,7 @@ def test_running_max_req_size_caps_the_batch():
 
 
 def test_preemption_frees_the_newest_and_recomputes_it():
-    scheduler = Scheduler(SchedulerConfig(max_total_token_num=40, batch_max_tokens=100, running_max_req_size=8))
+    scheduler = Scheduler(SchedulerConfig(num_slots=40, batch_max_tokens=100, running_max_req_size=8))
     a, b = make_req(0, 10, 25), make_req(1, 10, 25)
     scheduler.add(a)
     scheduler.add(b)
@@ -94,7 +94,7 @@ def test_preemption_frees_the_newest_and_recomputes_it():
 
 
 def test_abort_frees_kv_slots_and_tells_workers():
-    scheduler = Scheduler(SchedulerConfig(max_total_token_num=1000, batch_max_tokens=1000, running_max_req_size=8))
+    scheduler = Scheduler(SchedulerConfig(num_slots=1000, batch_max_tokens=1000, running_max_req_size=8))
     scheduler.add(make_req(0, 50, 100))
     scheduler.add(make_req(1, 5, 100))
     run_step(scheduler)
@@ -130,7 +130,7 @@ def test_context_limit_caps_max_new_tokens():
 
 def test_randomized_workload_never_leaks_slots():
     rng = random.Random(1)
-    scheduler = Scheduler(SchedulerConfig(max_total_token_num=300, batch_max_tokens=64, running_max_req_size=6))
+    scheduler = Scheduler(SchedulerConfig(num_slots=300, batch_max_tokens=64, running_max_req_size=6))
     next_id = 0
     for _ in range(400):
         if rng.random() < 0.3:
@@ -147,7 +147,7 @@ def test_randomized_workload_never_leaks_slots():
 
 
 def test_the_next_step_is_scheduled_before_this_ones_tokens_are_back():
-    scheduler = Scheduler(SchedulerConfig(max_total_token_num=1000, batch_max_tokens=1000, running_max_req_size=8))
+    scheduler = Scheduler(SchedulerConfig(num_slots=1000, batch_max_tokens=1000, running_max_req_size=8))
     req = make_req(0, 4, 3)
     scheduler.add(req)
     first = scheduler.schedule()  # the prompt; samples the first output
@@ -167,7 +167,7 @@ def test_the_next_step_is_scheduled_before_this_ones_tokens_are_back():
 
 
 def test_tokens_in_flight_after_eos_are_dropped():
-    scheduler = Scheduler(SchedulerConfig(max_total_token_num=1000, batch_max_tokens=1000, running_max_req_size=8))
+    scheduler = Scheduler(SchedulerConfig(num_slots=1000, batch_max_tokens=1000, running_max_req_size=8))
     req = make_req(0, 4, 10)
     scheduler.add(req)
     first = scheduler.schedule()
@@ -181,7 +181,7 @@ def test_tokens_in_flight_after_eos_are_dropped():
 
 
 def test_abort_with_a_step_in_flight_drops_its_token():
-    scheduler = Scheduler(SchedulerConfig(max_total_token_num=1000, batch_max_tokens=1000, running_max_req_size=8))
+    scheduler = Scheduler(SchedulerConfig(num_slots=1000, batch_max_tokens=1000, running_max_req_size=8))
     req = make_req(0, 4, 10)
     scheduler.add(req)
     first = scheduler.schedule()
@@ -198,7 +198,7 @@ def test_a_step_ahead_gives_the_same_outputs_under_preemption():
 
     def run(lookahead):
         rng = random.Random(3)
-        scheduler = Scheduler(SchedulerConfig(max_total_token_num=120, batch_max_tokens=24, running_max_req_size=6))
+        scheduler = Scheduler(SchedulerConfig(num_slots=120, batch_max_tokens=24, running_max_req_size=6))
         scheduler._fits = lambda req: True  # over-commit on purpose to force preemptions
         reqs = [make_req(i, rng.randint(1, 40), rng.randint(1, 30)) for i in range(12)]
         for req in reqs:

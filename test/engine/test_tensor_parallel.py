@@ -4,6 +4,7 @@ schedule one step ahead as the router does, so every rank feeds back the tokens 
 
 import multiprocessing as mp
 import queue
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,8 +16,7 @@ from lightvlm.engine.model_runner import ModelRunner, RunnerConfig
 from lightvlm.engine.req import Req
 from lightvlm.engine.scheduler import Scheduler, SchedulerConfig
 from lightvlm.engine.visual_encoder import VisualEncoder
-from lightvlm.io_struct import ImageRef
-from lightvlm.models.registry import LoadedCheckpoint
+from lightvlm.models.checkpoint import LoadedCheckpoint
 from lightvlm.pipeline import ImageStore
 from lightvlm.sampling_params import SamplingParams
 
@@ -27,20 +27,20 @@ def run_model(model_dir, tp):
     """Encode one image, then greedily decode 12 tokens for a prompt holding it. Returns (embeds, tokens)."""
     torch.set_num_threads(1)
     ckpt = LoadedCheckpoint.open(model_dir)
-    processor = ckpt.make_processor()
+    processor = ckpt.processor
     image = load_image("coffee_strip_600x40.jpg")
-    embeds = VisualEncoder(ckpt, tp=tp, show_progress=False).encode([processor.preprocess(image)])[0]
+    grid = processor.image_grid(*image.size)
+    embeds = VisualEncoder(ckpt, tp=tp, show_progress=False).encode([processor.preprocess(image, grid)], [grid])[0]
     prompt = processor.encode_chat([{"role": "user", "content": [{"type": "image"},
                                                                  {"type": "text", "text": "What is this?"}]}],
-                                   [image.size])
+                                   [grid])
     store = ImageStore()
     store["0123456789abcdef"] = embeds
     runner = ModelRunner(ckpt, RunnerConfig(num_slots=4096, max_reqs=4, max_len=2048), store, tp=tp,
                          show_progress=False)
-    scheduler = Scheduler(SchedulerConfig(max_total_token_num=4096, batch_max_tokens=64, running_max_req_size=4))
-    span = prompt.image_spans[0]
+    scheduler = Scheduler(SchedulerConfig(num_slots=4096, batch_max_tokens=64, running_max_req_size=4))
     req = Req(0, prompt.input_ids, SamplingParams(max_new_tokens=12, ignore_eos=True), 2048,
-              images=(ImageRef("0123456789abcdef", span.offset, span.length),))
+              images=(replace(prompt.images[0], key="0123456789abcdef"),))
     scheduler.add(req)
 
     def run_step(batch):  # prompt chunks of 64 tokens, then decode

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
+from lightvlm.models.checkpoint import LoadedCheckpoint
 from lightvlm.models.internvl.processor import InternVLProcessor, best_grid, candidate_grids
 from lightvlm.models.processor import PromptError, split_messages
-from lightvlm.models.registry import LoadedCheckpoint
 
-from helpers import load_image
+from helpers import grids, load_image
 from hf_reference import hf_processor
 
 ALL_IMAGES = ["coffee.jpg", "chelsea.png", "chelsea_rgba.png", "coffee_palette.png", "camera_gray.png",
@@ -49,14 +49,14 @@ def test_ids_and_pixels_equal_transformers(ours, tiny_checkpoint, name):
     reference = hf_processor(tiny_checkpoint).apply_chat_template(
         messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
     templated, sources = split_messages(messages)
-    prompt = ours.encode_chat(templated, [im.size for im in sources])
+    prompt = ours.encode_chat(templated, grids(ours, sources))
     assert prompt.input_ids == reference["input_ids"][0].tolist()
-    pixels = np.concatenate([ours.preprocess(im) for im in sources])
+    pixels = np.concatenate([ours.preprocess(im, grid) for im, grid in zip(sources, grids(ours, sources))])
     assert torch.equal(torch.from_numpy(pixels), reference["pixel_values"])
     # spans point at the <IMG_CONTEXT> rows, one span per image, in order
     context_id = ours.image_token_id
     rows = [i for i, t in enumerate(prompt.input_ids) if t == context_id]
-    assert rows == [s.offset + j for s in prompt.image_spans for j in range(s.length)]
+    assert rows == [s.offset + j for s in prompt.images for j in range(s.num_rows)]
 
 
 def test_text_only_and_raw_prompt(ours, tiny_checkpoint):
@@ -68,19 +68,19 @@ def test_text_only_and_raw_prompt(ours, tiny_checkpoint):
 
 def test_placeholders_of_the_native_api(ours):
     """<img></img>, <image> and <IMG_CONTEXT> all mark an image; each expands to the same span."""
-    size = (300, 200)
-    spans = [ours.encode(f"A {tag} B", [size]).input_ids for tag in ("<img></img>", "<image>", "<IMG_CONTEXT>")]
+    grid = ours.image_grid(300, 200)
+    spans = [ours.encode(f"A {tag} B", [grid]).input_ids for tag in ("<img></img>", "<image>", "<IMG_CONTEXT>")]
     assert spans[0] == spans[1] == spans[2]
     with pytest.raises(PromptError, match="2 image placeholder.*1 image"):
-        ours.encode("<image><image>", [size])
+        ours.encode("<image><image>", [grid])
 
 
 def test_tiling_follows_the_aspect_ratio(ours):
-    assert ours.image_layout(10, 10).num_tiles == 1  # one tile, no thumbnail
-    wide = ours.image_layout(600, 40)
-    columns, rows = ours.grid(600, 40)
-    assert columns > rows and wide.num_tiles == columns * rows + 1
-    assert wide.num_rows == wide.num_tiles * ours.tokens_per_tile
+    assert ours.num_tiles(ours.image_grid(10, 10)) == 1  # one tile, no thumbnail
+    columns, rows = ours.image_grid(600, 40)
+    assert columns > rows and ours.num_tiles((columns, rows)) == columns * rows + 1
+    _, _, num_rows = ours.image_span((columns, rows))
+    assert num_rows == (columns * rows + 1) * ours.tokens_per_tile
 
 
 def test_grid_choice_equals_transformers_on_many_sizes():
@@ -97,11 +97,11 @@ def test_grid_choice_equals_transformers_on_many_sizes():
 def test_image_length_env_must_match_the_checkpoint(tiny_qwen2, monkeypatch):
     ckpt = LoadedCheckpoint.open(tiny_qwen2)
     monkeypatch.setenv("INTERNVL_IMAGE_LENGTH", str(ckpt.config.tokens_per_tile))
-    assert InternVLProcessor(tiny_qwen2, ckpt.config.tokens_per_tile).tokens_per_tile == ckpt.config.tokens_per_tile
+    assert InternVLProcessor(tiny_qwen2, ckpt.config).tokens_per_tile == ckpt.config.tokens_per_tile
     monkeypatch.setenv("INTERNVL_IMAGE_LENGTH", "256")
     with pytest.raises(ValueError, match=f"INTERNVL_IMAGE_LENGTH=256 contradicts the checkpoint.*gives "
                                          f"{ckpt.config.tokens_per_tile} tokens per tile"):
-        InternVLProcessor(tiny_qwen2, ckpt.config.tokens_per_tile)
+        InternVLProcessor(tiny_qwen2, ckpt.config)
 
 
 def test_image_tags_written_as_text_in_a_chat_are_text(ours, tiny_checkpoint):
@@ -120,7 +120,8 @@ def test_tiling_is_on_whatever_processor_config_says(tiny_qwen2, tmp_path):
     shutil.copytree(tiny_qwen2, copy)
     config = json.loads((copy / "processor_config.json").read_text())
     (copy / "processor_config.json").write_text(json.dumps({**config, "crop_to_patches": False}))
-    assert InternVLProcessor.from_model_dir(copy).image_layout(400, 100).num_tiles > 1
+    processor = LoadedCheckpoint.open(copy).processor
+    assert processor.num_tiles(processor.image_grid(400, 100)) > 1
 
 
 def test_templates_see_no_tools_and_no_documents(ours):

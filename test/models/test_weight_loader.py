@@ -8,11 +8,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lightvlm.common.distributed import SINGLE
-from lightvlm.engine.model_runner import build_language_model
 from lightvlm.engine.visual_encoder import VisualEncoder
+from lightvlm.models.checkpoint import CheckpointError, LoadedCheckpoint, checkpoint_files
 from lightvlm.models.demo import build_demo_checkpoint
-from lightvlm.models.registry import LoadedCheckpoint
-from lightvlm.models.weight_loader import CheckpointError, checkpoint_files, resolve_dtype
+from lightvlm.models.weight_loader import build_part, resolve_dtype
 
 
 def state(module):
@@ -26,21 +25,22 @@ def sharded(tmp_path_factory):
 
 def test_sharded_checkpoint_loads_the_same_weights(tiny_qwen2, sharded):
     assert len(checkpoint_files(sharded)) > 2
-    single = build_language_model(LoadedCheckpoint.open(tiny_qwen2), SINGLE, torch.float32, "cpu", show_progress=False)
-    shards = build_language_model(LoadedCheckpoint.open(sharded), SINGLE, torch.float32, "cpu", load_workers=3,
+    single = build_part(LoadedCheckpoint.open(tiny_qwen2), "language", SINGLE, torch.float32, "cpu",
+                        show_progress=False)
+    shards = build_part(LoadedCheckpoint.open(sharded), "language", SINGLE, torch.float32, "cpu", load_workers=3,
                                   show_progress=False)
     a, b = state(single), state(shards)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_loadworker_threads_show_a_progress_bar(sharded, capsys):
-    build_language_model(LoadedCheckpoint.open(sharded), SINGLE, torch.float32, "cpu", load_workers=4)
+    build_part(LoadedCheckpoint.open(sharded), "language", SINGLE, torch.float32, "cpu", load_workers=4)
     assert "Loading safetensors" in capsys.readouterr().err
 
 
 def test_bf16_data_type(tiny_qwen2):
     ckpt = LoadedCheckpoint.open(tiny_qwen2)
-    model = build_language_model(ckpt, SINGLE, torch.bfloat16, "cpu", show_progress=False)
+    model = build_part(ckpt, "language", SINGLE, torch.bfloat16, "cpu", show_progress=False)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model.language_model.rotary.cos.dtype == torch.float32  # rotary tables stay fp32
     reference = load_file(tiny_qwen2 / "model.safetensors")["model.language_model.norm.weight"]
@@ -63,7 +63,7 @@ def test_missing_tensor_is_named(tiny_qwen2, tmp_path):
     del tensors["model.language_model.layers.1.self_attn.k_proj.weight"]
     save_file(tensors, broken / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"language_model\.layers\.1\.self_attn\.qkv_proj\.weight \(part k\)"):
-        build_language_model(LoadedCheckpoint.open(broken), SINGLE, torch.float32, "cpu", show_progress=False)
+        build_part(LoadedCheckpoint.open(broken), "language", SINGLE, torch.float32, "cpu", show_progress=False)
 
 
 def test_wrong_shape_is_reported(tiny_qwen2, tmp_path):
@@ -108,7 +108,7 @@ def test_older_checkpoint_layout_loads(tiny_llama, tmp_path):
         name = name.replace("lm_head.", "language_model.lm_head.")
         renamed[name.removeprefix("model.")] = tensor
     save_file(renamed, old / "model.safetensors")
-    a = build_language_model(LoadedCheckpoint.open(tiny_llama), SINGLE, torch.float32, "cpu", show_progress=False)
-    b = build_language_model(LoadedCheckpoint.open(old), SINGLE, torch.float32, "cpu", show_progress=False)
+    a = build_part(LoadedCheckpoint.open(tiny_llama), "language", SINGLE, torch.float32, "cpu", show_progress=False)
+    b = build_part(LoadedCheckpoint.open(old), "language", SINGLE, torch.float32, "cpu", show_progress=False)
     sa, sb = state(a), state(b)
     assert all(torch.equal(sa[k], sb[k]) for k in sa)

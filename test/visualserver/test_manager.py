@@ -3,6 +3,7 @@
 import uuid
 
 import pytest
+import torch
 import zmq
 
 from lightvlm.common import shm
@@ -24,7 +25,7 @@ def room(tmp_path):
     for name in ("router", "httpserver"):
         inboxes[name] = context.socket(zmq.PULL)
         inboxes[name].bind(runtime.endpoint(name))
-    manager = VisualManager(config, row_bytes=16)
+    manager = VisualManager(config, row_width=4, dtype=torch.float32)  # 16 bytes per row
     yield manager, inboxes
     manager.cache.clear()
     assert not list(shm.SHM_DIR.glob(runtime.shm_prefix + "*"))
@@ -35,7 +36,7 @@ def room(tmp_path):
 
 
 def request(req_id, *keys):
-    items = tuple(ImageItem(key, f"nothing_{req_id}_{i}", 1, 10 * i, 4) for i, key in enumerate(keys))
+    items = tuple(ImageItem(key, 10 * i, 4, (1, 1), f"nothing_{req_id}_{i}", 1) for i, key in enumerate(keys))
     return GenerateReq(req_id, tuple(range(40)), SamplingParams(), items)
 
 

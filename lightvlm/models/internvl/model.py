@@ -166,7 +166,10 @@ class Projector(nn.Module):
 
 
 class InternVLVisual(nn.Module):
-    """The visual half: pixel tiles [N, 3, S, S] -> image embeddings [N, t, H]."""
+    """The visual half: each image's tiles [n, 3, S, S] -> its embedding rows [n * t, H]. Tiles of all
+    images are batched together, at most `max_tiles_per_forward` per forward."""
+
+    max_tiles_per_forward = 16
 
     def __init__(self, config: InternVLConfig, tp: TPGroup = SINGLE):
         super().__init__()
@@ -176,7 +179,14 @@ class InternVLVisual(nn.Module):
         self.vision_tower = InternVisionModel(config.vision, config.vision_feature_layer, tp)
         self.multi_modal_projector = Projector(config)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixels: list[torch.Tensor], grids: list[tuple[int, ...]]) -> list[torch.Tensor]:
+        tiles = torch.cat(pixels)
+        step = self.max_tiles_per_forward
+        embeds = torch.cat([self.embed_tiles(tiles[i:i + step]) for i in range(0, len(tiles), step)])  # [N, t, H]
+        return [rows.reshape(-1, rows.shape[-1]) for rows in embeds.split([len(p) for p in pixels])]
+
+    def embed_tiles(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[N, 3, S, S] -> [N, t, H]"""
         features = self.vision_tower(pixel_values)[:, 1:]  # drop CLS: [N, P, C]
         side = self.config.vision.patches_per_side
         features = features.reshape(features.shape[0], side, side, -1)

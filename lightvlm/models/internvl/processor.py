@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from lightvlm.models.internvl.config import InternVLConfig
-from lightvlm.models.processor import BaseProcessor, ImageLayout, read_json, rescale_and_normalize, to_rgb
+from lightvlm.models.processor import BaseProcessor, read_json, rescale_and_normalize, to_rgb
 
 
 def candidate_grids(min_tiles: int, max_tiles: int) -> list[tuple[int, int]]:
@@ -56,22 +56,35 @@ def image_length_from_env(geometry_tokens: int) -> int:
     return tokens
 
 
+def image_processor_settings(model_dir: Path) -> tuple[dict, str]:
+    """The image processor's settings from wherever transformers wrote them: inside
+    processor_config.json (`image_processor`, transformers 5) or preprocessor_config.json (4.x).
+    Returns (settings, the file they came from). Never a silent default: none found is an error."""
+    nested = read_json(model_dir / "processor_config.json").get("image_processor")
+    if nested:
+        return nested, "processor_config.json"
+    legacy = read_json(model_dir / "preprocessor_config.json")
+    if legacy:
+        return legacy, "preprocessor_config.json"
+    raise ValueError(f"{model_dir} has no image processor settings: looked for `image_processor` in "
+                     "processor_config.json (transformers 5) and for preprocessor_config.json (transformers 4)")
+
+
 class InternVLProcessor(BaseProcessor):
     image_token = "<IMG_CONTEXT>"
 
-    @classmethod
-    def from_model_dir(cls, model_dir: str | Path) -> "InternVLProcessor":
-        config = InternVLConfig.from_hf(read_json(Path(model_dir) / "config.json"))
-        return cls(model_dir, config.tokens_per_tile)
-
-    def __init__(self, model_dir: str | Path, tokens_per_tile: int):
-        """tokens_per_tile: what the checkpoint's vision geometry gives (InternVLConfig.tokens_per_tile)."""
+    def __init__(self, model_dir: str | Path, config: InternVLConfig):
+        """Checks the processor's settings against the model's: tile size vs the vision tower's
+        image_size, tokens per tile vs image_seq_length and INTERNVL_IMAGE_LENGTH."""
         super().__init__(model_dir)
-        pre = read_json(self.model_dir / "preprocessor_config.json")
-        size = pre.get("size", {"height": 448, "width": 448})
-        if size.get("height") != size.get("width"):
-            raise ValueError(f"InternVL tiles must be square, preprocessor_config.json has size={size}")
+        pre, source = image_processor_settings(self.model_dir)
+        size = pre.get("size") or {}
+        if not size.get("height") or size.get("height") != size.get("width"):
+            raise ValueError(f"{source} in {self.model_dir}: InternVL tiles must be square, got size={size}")
         self.tile_size = size["height"]
+        if self.tile_size != config.vision.image_size:
+            raise ValueError(f"the processor's tile size is {self.tile_size} ({source}) but the vision tower's "
+                             f"image_size is {config.vision.image_size} (config.json vision_config): they must agree")
         self.min_tiles = pre.get("min_patches", 1)
         self.max_tiles = pre.get("max_patches", 12)
         self.resample = Image.Resampling(pre.get("resample", Image.Resampling.BICUBIC))
@@ -79,13 +92,12 @@ class InternVLProcessor(BaseProcessor):
         self.image_mean = pre.get("image_mean", [0.485, 0.456, 0.406])
         self.image_std = pre.get("image_std", [0.229, 0.224, 0.225])
 
-        self.tokens_per_tile = image_length_from_env(tokens_per_tile)
+        self.tokens_per_tile = image_length_from_env(config.tokens_per_tile)
         declared = read_json(self.model_dir / "processor_config.json").get("image_seq_length")
         if declared is not None and declared != self.tokens_per_tile:
             raise ValueError(f"processor_config.json says image_seq_length={declared} but the vision tower gives "
                              f"{self.tokens_per_tile} tokens per tile")
-        vocab = self.tokenizer.convert_tokens_to_ids
-        self.start_id, self.end_id = vocab("<img>"), vocab("</img>")
+        self.start_id, self.end_id = self.token_id("<img>"), self.token_id("</img>")
 
     @property
     def settings(self) -> str:
@@ -93,22 +105,26 @@ class InternVLProcessor(BaseProcessor):
                 f"tokens={self.tokens_per_tile} resample={int(self.resample)} scale={self.rescale_factor} "
                 f"mean={self.image_mean} std={self.image_std}")
 
-    def grid(self, width: int, height: int) -> tuple[int, int]:
-        # Always tiled: transformers' InternVLProcessor turns crop_to_patches on whatever the configs say.
+    def image_grid(self, width: int, height: int) -> tuple[int, int]:
+        """(tile columns, tile rows); more than one tile adds a thumbnail. Always tiled: transformers'
+        InternVLProcessor turns crop_to_patches on whatever the configs say."""
         if self.max_tiles <= 1:
             return 1, 1
         return best_grid(width, height, self.tile_size, self.min_tiles, self.max_tiles)
 
-    def image_layout(self, width: int, height: int) -> ImageLayout:
-        columns, rows = self.grid(width, height)
-        num_tiles = columns * rows + (1 if columns * rows > 1 else 0)  # + thumbnail
-        num_rows = num_tiles * self.tokens_per_tile
-        span = (self.start_id, *([self.image_token_id] * num_rows), self.end_id)
-        return ImageLayout(num_tiles=num_tiles, num_rows=num_rows, span_ids=span, first_row=1)
+    @staticmethod
+    def num_tiles(grid: tuple[int, int]) -> int:
+        columns, rows = grid
+        return columns * rows + (1 if columns * rows > 1 else 0)  # + thumbnail
 
-    def preprocess(self, image: Image.Image) -> np.ndarray:
+    def image_span(self, grid: tuple[int, int]) -> tuple[tuple[int, ...], int, int]:
+        num_rows = self.num_tiles(grid) * self.tokens_per_tile
+        return (self.start_id, *([self.image_token_id] * num_rows), self.end_id), 1, num_rows
+
+    def preprocess(self, image: Image.Image, grid: tuple[int, int]) -> np.ndarray:
+        """-> tiles [n, 3, S, S] float32, the thumbnail last."""
         image = to_rgb(image)
-        columns, rows = self.grid(*image.size)
+        columns, rows = grid
         s = self.tile_size
         resized = np.asarray(image.resize((s * columns, s * rows), resample=self.resample))  # [H, W, 3]
         tiles = [resized[r * s:(r + 1) * s, c * s:(c + 1) * s]

@@ -17,14 +17,20 @@ from lightvlm.models.layers.activation import silu_and_mul
 from lightvlm.models.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from lightvlm.models.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from lightvlm.models.layers.norm import RMSNorm
-from lightvlm.models.layers.rotary import RotaryEmbedding
+from lightvlm.models.layers.positions import LinearPositions
+from lightvlm.models.layers.rotary import POSITION_DIMS, make_rotary
 from lightvlm.models.text_config import TextConfig
 
 
 class AttentionBackend(Protocol):
-    """What a decoder layer asks of the step: positions for rotary, and attention over the KV cache."""
+    """What the model asks of the step: its tokens, the image rows to splice in, positions for rotary,
+    and attention over the KV cache."""
 
-    positions: torch.Tensor  # [T]
+    input_ids: torch.Tensor  # [T] (image rows hold 0, overwritten by the splice)
+    image_rows: torch.Tensor | None  # [R] rows replaced by image embedding rows
+    image_embeds: torch.Tensor | None  # [R, width]
+    logit_rows: torch.Tensor  # [S] rows whose next-token logits are wanted
+    positions: torch.Tensor  # [T], or [3, T] for M-RoPE
 
     def attention(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [T, heads, D], k/v: [T, kv_heads, D] -> [T, heads * D]; stores k, v for later steps."""
@@ -32,7 +38,7 @@ class AttentionBackend(Protocol):
 
 
 class DecoderAttention(nn.Module):
-    def __init__(self, config: TextConfig, layer_id: int, rotary: RotaryEmbedding, tp: TPGroup):
+    def __init__(self, config: TextConfig, layer_id: int, rotary: nn.Module, tp: TPGroup):
         super().__init__()
         self.layer_id = layer_id
         self.rotary = rotary
@@ -64,7 +70,7 @@ class GatedMLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: TextConfig, layer_id: int, rotary: RotaryEmbedding, tp: TPGroup):
+    def __init__(self, config: TextConfig, layer_id: int, rotary: nn.Module, tp: TPGroup):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = DecoderAttention(config, layer_id, rotary, tp)
@@ -82,8 +88,8 @@ class DecoderModel(nn.Module):
     def __init__(self, config: TextConfig, tp: TPGroup = SINGLE):
         super().__init__()
         divide(config.num_heads, tp.size, "number of attention heads")
-        rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
-                                 config.rope_scaling)
+        rotary = make_rotary(config.rope_form, config.head_dim, config.max_position_embeddings, config.rope_theta,
+                             config.rope_scaling, config.mrope_section)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         self.layers = nn.ModuleList(DecoderLayer(config, i, rotary, tp) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -98,20 +104,30 @@ class DecoderModel(nn.Module):
 
 
 class CausalLM(nn.Module):
-    """A decoder plus its LM head; `embed` and `forward` are split so a VLM can splice in images."""
+    """A decoder plus its LM head. Families subclass it to splice their image rows differently or to
+    place tokens other than 1-D (`plan_positions`)."""
 
     def __init__(self, config: TextConfig, tp: TPGroup = SINGLE):
         super().__init__()
         self.config = config
+        self.position_dims = POSITION_DIMS[config.rope_form]
         self.language_model = DecoderModel(config, tp)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.language_model.embed_tokens.weight
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.language_model.embed_tokens(ids)
+    def plan_positions(self, num_prompt_tokens: int, images: tuple) -> LinearPositions:
+        """How a request's tokens are placed (called once per request, with its ImageItems)."""
+        return LinearPositions()
 
-    def forward(self, embeds: torch.Tensor, state: AttentionBackend, logit_rows: torch.Tensor) -> torch.Tensor:
-        """Runs the decoder over all T rows and returns logits [len(logit_rows), vocab] in fp32."""
-        hidden = self.language_model(embeds, state, logit_rows)
+    def embed(self, state: AttentionBackend) -> torch.Tensor:
+        """Token embeddings with the image rows written over their placeholders: [T, H]."""
+        embeds = self.language_model.embed_tokens(state.input_ids)
+        if state.image_rows is not None:
+            embeds[state.image_rows] = state.image_embeds.to(embeds.dtype)
+        return embeds
+
+    def forward(self, state: AttentionBackend) -> torch.Tensor:
+        """Runs the decoder over the step's T rows; returns logits [len(state.logit_rows), vocab] in fp32."""
+        hidden = self.language_model(self.embed(state), state, state.logit_rows)
         return self.lm_head.compute_logits(hidden).float()

@@ -5,7 +5,6 @@ computing it; tokens the router sent in between are dropped.
 """
 
 import zmq
-from transformers import AutoTokenizer
 
 from lightvlm.common.logging import get_logger
 from lightvlm.common.messaging import Inbox, Outbox, StatsTimer
@@ -13,13 +12,14 @@ from lightvlm.common.process import run_room
 from lightvlm.config import ServerConfig
 from lightvlm.engine.detokenizer import Detokenizer
 from lightvlm.io_struct import DetokReq, RoomStats, StopReq, TextOut, TokenOut
+from lightvlm.models.checkpoint import LoadedCheckpoint
 
 logger = get_logger(__name__)
 
 
 class DetokenizationManager:
     def __init__(self, config: ServerConfig):
-        self.detokenizer = Detokenizer(AutoTokenizer.from_pretrained(config.model.model_dir))
+        self.detokenizer = Detokenizer(LoadedCheckpoint.open(config.model.model_dir).processor.tokenizer)
         self.reqs: dict[int, DetokReq] = {}
         context = zmq.Context.instance()
         self.inbox = Inbox(context, config.runtime.endpoint("detokenization"))

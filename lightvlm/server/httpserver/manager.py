@@ -16,10 +16,12 @@ import zmq
 import zmq.asyncio
 
 from lightvlm.common import shm
+from lightvlm.common.identity import image_key
 from lightvlm.common.logging import get_logger
 from lightvlm.config import ServerConfig
 from lightvlm.io_struct import AbortReq, GenerateReq, ImageItem, ReqError, RoomStats, TextOut
-from lightvlm.models.processor import PromptError, generation_defaults, load_processor
+from lightvlm.models.checkpoint import LoadedCheckpoint
+from lightvlm.models.processor import PromptError, generation_defaults
 from lightvlm.sampling_params import SamplingParams
 from lightvlm.server.httpserver.media import ImageData, ImageError, MediaLimits, MediaLoader
 from lightvlm.server.httpserver.metrics import Metrics
@@ -53,8 +55,8 @@ async def gather_or_cancel(coroutines) -> list:
 @dataclass
 class Prepared:
     prompt_ids: list[int]
-    images: list[ImageData]
-    spans: list  # ImageSpan per image
+    images: list[ImageItem] = field(default_factory=list)  # placed and named
+    image_data: list[bytes] = field(default_factory=list)  # their files' bytes, written to shm at submission
 
 
 @dataclass
@@ -73,11 +75,13 @@ class HttpServerManager:
     def __init__(self, config: ServerConfig):
         self.config = config
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="http-cpu")
-        self.processor = load_processor(config.model.processor_class, config.model.model_dir)
+        ckpt = LoadedCheckpoint.open(config.model.model_dir)
+        self.processor = ckpt.processor
+        self.max_len = ckpt.context_limit(config.router.max_req_total_len)
         self.sampling_defaults = generation_defaults(config.model.model_dir)
         http = config.http
         self.media = MediaLoader(MediaLimits(http.image_fetch_timeout, http.max_image_bytes, http.max_image_pixels),
-                                 self.processor.settings, self.executor)
+                                 self.executor)
         self.metrics = Metrics()
         self.added_tokens = dict(self.processor.tokenizer.get_added_vocab())
         self.states: dict[int, RequestState] = {}
@@ -133,21 +137,23 @@ class HttpServerManager:
             raise ClientError(str(e)) from None
 
     async def prepare_text(self, text: str, images: list[ImageData], add_special_tokens: bool = True) -> Prepared:
-        prompt = await self._run(self._encode, self.processor.encode, text, images, add_special_tokens)
-        return Prepared(prompt.input_ids, images, prompt.image_spans)
+        return await self._run(self._prepare, self.processor.encode, text, images, add_special_tokens)
 
     async def prepare_chat(self, messages: list[dict], images: list[ImageData]) -> Prepared:
-        prompt = await self._run(self._encode, self.processor.encode_chat, messages, images)
-        return Prepared(prompt.input_ids, images, prompt.image_spans)
+        return await self._run(self._prepare, self.processor.encode_chat, messages, images)
 
-    @staticmethod
-    def _encode(fn, first, images, *args):
+    def _prepare(self, encode, first, images: list[ImageData], *args) -> Prepared:
+        """Lay each image out (its grid), build the prompt ids around the spans, name each image."""
+        processor = self.processor
         try:
-            return fn(first, [(im.width, im.height) for im in images], *args)
+            prompt = encode(first, [processor.image_grid(im.width, im.height) for im in images], *args)
         except PromptError as e:
             raise ClientError(str(e)) from None
         except Exception as e:  # jinja errors and the like: the messages do not fit the template
             raise ClientError(f"could not build the prompt: {type(e).__name__}: {e}") from None
+        named = [replace(item, key=image_key(im.digest, processor.settings, item.grid))
+                 for item, im in zip(prompt.images, images)]
+        return Prepared(prompt.input_ids, named, [im.data for im in images])
 
     def prepare_ids(self, ids: list[int]) -> Prepared:
         """A prompt given as token ids (text only): every id must be in the vocabulary."""
@@ -155,7 +161,7 @@ class HttpServerManager:
         bad = [i for i in ids if not isinstance(i, int) or not 0 <= i < vocab]
         if bad:
             raise ClientError(f"token ids must be in [0, {vocab}), got {bad[:5]}")
-        return Prepared(list(ids), [], [])
+        return Prepared(list(ids))
 
     def stop_tokens_by_name(self, params: SamplingParams) -> SamplingParams:
         """A stop sequence that names a special token (LightLLM clients write " <|im_end|>", with a
@@ -166,7 +172,7 @@ class HttpServerManager:
 
     def check_length(self, prepared: Prepared, params: SamplingParams, max_new_explicit: bool) -> SamplingParams:
         """Prompt + max_new_tokens must fit --max_req_total_len; without an explicit max, use the rest."""
-        limit = self.config.router.max_req_total_len
+        limit = self.max_len
         room = limit - len(prepared.prompt_ids)
         if room < 1:
             raise ClientError(f"the prompt has {len(prepared.prompt_ids)} tokens (image tokens included); "
@@ -187,11 +193,11 @@ class HttpServerManager:
         self.states[state.req_id] = state
         items = []
         try:
-            for i, (image, span) in enumerate(zip(prepared.images, prepared.spans)):
-                name = f"{self.config.runtime.shm_prefix}b{state.req_id}_{i}"
+            for i, (item, data) in enumerate(zip(prepared.images, prepared.image_data)):
+                name = shm.bytes_segment(self.config.runtime.shm_prefix, state.req_id, i)
                 state.shm_names.append(name)
-                await self._run(shm.write_bytes, name, image.data)
-                items.append(ImageItem(image.key, name, len(image.data), span.offset, span.length))
+                await self._run(shm.write_bytes, name, data)
+                items.append(replace(item, shm_name=name, num_bytes=len(data)))
             await self.outbox.send_pyobj(GenerateReq(state.req_id, tuple(prepared.prompt_ids), params, tuple(items)))
         except BaseException:  # cancelled (client gone) before the hand-over: nothing left behind
             self.states.pop(state.req_id, None)

@@ -1,20 +1,21 @@
 """Images at the edge: fetch (http(s) with a timeout and a byte cap) or base64, check, hash.
 
-The pixel count is read from the header before anything is decoded; then the image is decoded once
-(in a worker thread) to prove it is whole, and its bytes, not its pixels, go on to the visualserver.
+Only the header is read here (format and size, checked against the pixel limit before anything is
+decoded); the bytes, not pixels, go on to the visualserver, whose encoder decodes each image once.
 Every problem is an ImageError with a message the client can act on, and a reason for the metrics.
 """
 
 import asyncio
 import base64
 import binascii
-import hashlib
 import io
 import warnings
 from dataclasses import dataclass
 
 import aiohttp
 from PIL import Image
+
+from lightvlm.common.identity import content_digest
 
 
 class ImageError(ValueError):
@@ -28,7 +29,7 @@ class ImageData:
     data: bytes
     width: int
     height: int
-    key: str  # MD5 of the bytes and the preprocessing settings
+    digest: str  # MD5 of the bytes (common.identity)
 
 
 @dataclass(frozen=True)
@@ -39,9 +40,8 @@ class MediaLimits:
 
 
 class MediaLoader:
-    def __init__(self, limits: MediaLimits, settings: str, executor=None):
+    def __init__(self, limits: MediaLimits, executor=None):
         self.limits = limits
-        self.settings = settings  # the processor's preprocessing settings, part of every key
         self.executor = executor
         self.session: aiohttp.ClientSession | None = None
 
@@ -59,7 +59,7 @@ class MediaLoader:
             raw = await self._run(decode_base64, data, self.limits.max_bytes)
         else:
             raise ImageError(f"image type must be 'url' or 'base64', got {kind!r}", "bad_type")
-        return await self._run(inspect_image, raw, self.limits.max_pixels, self.settings)
+        return await self._run(inspect_image, raw, self.limits.max_pixels)
 
     async def fetch(self, url: str) -> bytes:
         if not url.startswith(("http://", "https://")):
@@ -98,8 +98,8 @@ def decode_base64(data: str, max_bytes: int) -> bytes:
         raise ImageError("image data is not valid base64", "bad_base64") from None
 
 
-def inspect_image(raw: bytes, max_pixels: int, settings: str) -> ImageData:
-    """Check the header's size, then decode fully (in this worker thread) to prove the file is whole."""
+def inspect_image(raw: bytes, max_pixels: int) -> ImageData:
+    """Check the header (a known format, a size within the limit); nothing is decoded here."""
     if not raw:
         raise ImageError("image data is empty", "not_an_image")
     try:
@@ -117,10 +117,4 @@ def inspect_image(raw: bytes, max_pixels: int, settings: str) -> ImageData:
                          "too_many_pixels")
     if width < 1 or height < 1:
         raise ImageError(f"image has no pixels ({width}x{height})", "not_an_image")
-    try:
-        image.load()
-    except Exception as e:  # noqa: BLE001
-        raise ImageError(f"image could not be decoded (truncated or corrupt): {e}", "corrupt") from None
-    digest = hashlib.md5(raw)
-    digest.update(settings.encode())
-    return ImageData(raw, width, height, digest.hexdigest())
+    return ImageData(raw, width, height, content_digest(raw))

@@ -20,8 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from lightvlm.io_struct import TextOut, TokenLogprob
 from lightvlm.models.processor import PromptError, split_messages
 from lightvlm.sampling_params import MAX_CHOICES, MAX_INT32, SamplingParams
+from lightvlm.server.httpserver.http_utils import parse, read_json
 from lightvlm.server.httpserver.manager import ClientError, HttpServerManager, Prepared, gather_or_cancel
-from lightvlm.server.httpserver.native_api import parse, read_json
 
 LENIENT = ConfigDict(extra="allow")
 
@@ -112,7 +112,7 @@ class OpenAIAPI:
 
     async def models(self, request: web.Request) -> web.Response:
         card = {"id": self.model_name, "object": "model", "created": now(), "owned_by": "lightvlm",
-                "max_model_len": self.manager.config.router.max_req_total_len}
+                "max_model_len": self.manager.max_len}
         return web.json_response({"object": "list", "data": [card]})
 
     # -- chat ----------------------------------------------------------------------------------

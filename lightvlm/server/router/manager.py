@@ -10,6 +10,7 @@ stops on EOS or a stop string, whose next step was already scheduled.
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import zmq
 
@@ -24,7 +25,6 @@ from lightvlm.io_struct import (
     AbortReq,
     DetokReq,
     GenerateReq,
-    ImageRef,
     ReleaseImages,
     ReqError,
     RoomStats,
@@ -32,19 +32,21 @@ from lightvlm.io_struct import (
     StopReq,
     TokenOut,
 )
-from lightvlm.server.router.worker_group import ModelWorkers
+from lightvlm.models.checkpoint import LoadedCheckpoint
+from lightvlm.workers.group import ModelWorkers
 
 logger = get_logger(__name__)
 
 
 class RouterManager:
-    def __init__(self, config: ServerConfig, workers: ModelWorkers):
+    def __init__(self, config: ServerConfig, ckpt: LoadedCheckpoint, workers: ModelWorkers):
         self.config = config
         self.workers = workers
-        self.scheduler = Scheduler(SchedulerConfig(max_total_token_num=workers.num_slots(),
+        self.scheduler = Scheduler(SchedulerConfig(num_slots=workers.num_slots(),
                                                    batch_max_tokens=config.router.batch_max_tokens,
                                                    running_max_req_size=config.router.running_max_req_size))
-        self.eos_token_ids = frozenset(config.model.eos_token_ids)
+        self.eos_token_ids = frozenset(ckpt.eos_token_ids)
+        self.max_len = ckpt.context_limit(config.router.max_req_total_len)
         context = zmq.Context.instance()
         runtime = config.runtime
         self.inbox = Inbox(context, runtime.endpoint("router"))
@@ -79,8 +81,8 @@ class RouterManager:
                 self.retire(req, ReqStatus.FINISHED_STOPPED)  # detokenization ended it itself
 
     def add(self, message: GenerateReq) -> None:
-        images = tuple(ImageRef(i.key, i.offset, i.length) for i in message.images)
-        req = Req(message.req_id, list(message.prompt_ids), message.sampling, self.config.router.max_req_total_len,
+        images = tuple(replace(item, shm_name="", num_bytes=0) for item in message.images)  # bytes stay behind
+        req = Req(message.req_id, list(message.prompt_ids), message.sampling, self.max_len,
                   images=images, eos_token_ids=self.eos_token_ids)
         try:
             self.scheduler.add(req)
@@ -156,7 +158,8 @@ class RouterManager:
 
 def start_router_process(config: ServerConfig, pipe) -> None:
     def start():
-        manager = RouterManager(config, ModelWorkers(list(config.runtime.worker_ports)))
+        manager = RouterManager(config, LoadedCheckpoint.open(config.model.model_dir),
+                                ModelWorkers(list(config.runtime.worker_ports)))
         logger.info("router ready: %d KV slots", manager.scheduler.allocator.num_slots)
         return manager.loop
 

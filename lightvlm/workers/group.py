@@ -1,4 +1,5 @@
-"""The router's handle on the model workers: one rpyc connection per tensor-parallel rank."""
+"""A handle on the model workers: one rpyc connection per tensor-parallel rank (the server's router
+and the tp > 1 pipeline drive them the same way)."""
 
 import pickle
 from collections.abc import Callable

@@ -1,4 +1,5 @@
-"""A model worker: one tensor-parallel rank of the language model, behind rpyc.
+"""A model worker: one tensor-parallel rank of the language model, behind rpyc (the server's router and the
+tp > 1 pipeline both drive it).
 
 The router calls `step(pickled StepInput)` on every rank at once; all ranks run the step (their
 all-reduces meet), rank 0 samples and answers with a pickled StepOutput. Image embeddings are read
@@ -13,14 +14,14 @@ import torch
 from lightvlm.common import shm
 from lightvlm.common.cpu_share import thread_policy, threads_for, working
 from lightvlm.common.distributed import init_tp_group, kv_heads_per_rank
+from lightvlm.common.errors import StartupError
 from lightvlm.common.logging import get_logger
 from lightvlm.common.process import run_room
 from lightvlm.common.rpc import NoDelayService, serve
 from lightvlm.config import ServerConfig
 from lightvlm.engine.infer_state import KVCache
 from lightvlm.engine.model_runner import ModelRunner, RunnerConfig
-from lightvlm.engine.visual_encoder import read_embeddings
-from lightvlm.models.registry import LoadedCheckpoint
+from lightvlm.models.checkpoint import LoadedCheckpoint
 from lightvlm.models.weight_loader import resolve_dtype
 
 logger = get_logger(__name__)
@@ -43,7 +44,7 @@ class ShmImageStore:
             self.segments[key] = (segment, tensor, holders + 1)
             return
         segment = shm.attach(shm.embedding_segment(self.prefix, key))
-        self.segments[key] = (segment, read_embeddings(segment.buf), 1)
+        self.segments[key] = (segment, shm.read_embeddings(segment.buf), 1)
 
     def drop(self, key: str) -> None:
         segment, tensor, holders = self.segments[key]
@@ -58,7 +59,7 @@ class ShmImageStore:
         return self.segments[key][1]
 
 
-def plan_kv_slots(config: ServerConfig, bytes_per_token: int, device: torch.device) -> int:
+def plan_kv_slots(config: ServerConfig, max_len: int, bytes_per_token: int, device: torch.device) -> int:
     """KV slots: --max_total_token_num, else what --mem_fraction leaves after the weights."""
     if config.router.max_total_token_num:
         return config.router.max_total_token_num
@@ -67,7 +68,7 @@ def plan_kv_slots(config: ServerConfig, bytes_per_token: int, device: torch.devi
         budget = free - total * (1 - config.router.mem_fraction)
     else:
         budget = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * config.router.mem_fraction / 4
-    ceiling = config.router.running_max_req_size * config.router.max_req_total_len
+    ceiling = config.router.running_max_req_size * max_len
     return int(min(max(budget, 0) // bytes_per_token, ceiling))
 
 
@@ -96,9 +97,9 @@ class ModelWorkerService(NoDelayService):
         row = 0
         for req_id, n in zip(step.req_ids, step.num_new_tokens):
             req = self.runner.reqs[req_id]
-            if req.num_cached == 0 and step.input_ids[row] == self.fault_token:
+            if req.num_computed_tokens == 0 and step.input_ids[row] == self.fault_token:
                 self.doomed.add(req_id)
-            if req_id in self.doomed and req.num_cached > req.init.prompt_len:  # also when retried alone
+            if req_id in self.doomed and req.num_computed_tokens > req.init.num_prompt_tokens:  # also retried alone
                 raise RuntimeError(f"injected fault: a prompt starting with token {self.fault_token} ({FAULT_ENV})")
             row += n
 
@@ -111,21 +112,22 @@ def start_worker_process(config: ServerConfig, rank: int, pipe) -> None:
             torch.cuda.set_device(device)
         tp = init_tp_group(rank, config.model.tp, f"tcp://127.0.0.1:{config.runtime.dist_port}", device)
         ckpt = LoadedCheckpoint.open(config.model.model_dir)
+        max_len = ckpt.context_limit(config.router.max_req_total_len)
         dtype = resolve_dtype(config.model.data_type, device.type, config.model.model_dir)
         text = ckpt.config.text
         kv_heads = kv_heads_per_rank(text.num_kv_heads, config.model.tp)
         per_token = KVCache.bytes_per_token(text.num_layers, kv_heads, text.head_dim, dtype)
-        num_slots = plan_kv_slots(config, per_token, device)
+        num_slots = plan_kv_slots(config, max_len, per_token, device)
         if tp.size > 1:  # every rank must agree on the pool size
             agreed = torch.tensor([num_slots])
             torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
             num_slots = int(agreed)
-        if num_slots < config.router.max_req_total_len:
-            raise ValueError(f"the KV cache fits {num_slots} tokens, less than one request of --max_req_total_len "
-                             f"{config.router.max_req_total_len}; raise --mem_fraction or --max_total_token_num, "
-                             f"or lower --max_req_total_len")
+        if num_slots < max_len:
+            raise StartupError(f"the KV cache fits {num_slots} tokens, less than one request of --max_req_total_len "
+                               f"{max_len}: one full-length request would never fit; raise --mem_fraction or "
+                               "--max_total_token_num, or lower --max_req_total_len")
         runner_config = RunnerConfig(num_slots=num_slots, max_reqs=config.router.running_max_req_size,
-                                     max_len=config.router.max_req_total_len, dtype=dtype, device=str(device),
+                                     max_len=max_len, dtype=dtype, device=str(device),
                                      load_workers=config.model.load_workers)
         store = ShmImageStore(config.runtime.shm_prefix)
         runner = ModelRunner(ckpt, runner_config, store, tp=tp, show_progress=rank == 0)

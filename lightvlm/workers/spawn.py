@@ -1,0 +1,112 @@
+"""Starting worker processes and knowing when they are ready: what both shells need (the server's
+launcher for every room, the pipeline for its tensor-parallel model workers).
+
+A child's entry function reports "ready" (or its error) up a pipe (common/process.py `run_room`);
+`Rooms.wait_ready` reads those reports. `Instance` is what one server or pipeline instance owns
+outside its processes: a private IPC folder, the free ports its rooms meet on, the shared-memory
+table that shares the cores, and every shared-memory segment carrying its prefix.
+"""
+
+import multiprocessing as mp
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import replace
+
+from lightvlm.common import shm
+from lightvlm.common.cpu_share import CpuShare
+from lightvlm.common.logging import get_logger
+from lightvlm.common.ports import free_ports
+from lightvlm.config import RuntimeConfig, ServerConfig
+
+logger = get_logger(__name__)
+
+START_TIMEOUT_SECONDS = 600.0
+
+
+class RoomFailed(RuntimeError):
+    pass
+
+
+class Interrupted(RuntimeError):
+    pass
+
+
+class Rooms:
+    """Child processes started with the spawn context, each reporting its readiness up a pipe."""
+
+    def __init__(self):
+        self.ctx = mp.get_context("spawn")
+        self.children: list[tuple[str, mp.Process]] = []
+
+    def start(self, name: str, target, *args) -> tuple:
+        reader, writer = self.ctx.Pipe(duplex=False)
+        process = self.ctx.Process(target=target, args=(*args, writer), name=name, daemon=False)
+        process.start()
+        writer.close()
+        self.children.append((name, process))
+        return name, process, reader
+
+    def wait_ready(self, started: list[tuple], should_stop=lambda: False) -> None:
+        """Until each of `started` said ready. Raises RoomFailed with the first one's error."""
+        deadline = time.monotonic() + START_TIMEOUT_SECONDS
+        for name, process, reader in started:
+            while not reader.poll(0.2):
+                if should_stop():
+                    raise Interrupted("stopped by a signal while starting")
+                if not process.is_alive():
+                    raise RoomFailed(f"{name} exited with code {process.exitcode} before it was ready")
+                if time.monotonic() > deadline:
+                    raise RoomFailed(f"{name} was not ready after {START_TIMEOUT_SECONDS:.0f} s")
+            try:
+                status, detail = reader.recv()
+            except EOFError:
+                raise RoomFailed(f"{name} exited before it was ready (code {process.exitcode})") from None
+            if status != "ready":
+                raise RoomFailed(detail)
+
+    def first_dead(self) -> tuple[str, int] | None:
+        return next(((name, p.exitcode) for name, p in self.children if not p.is_alive()), None)
+
+    def stop(self, grace_seconds: float) -> None:
+        """SIGTERM everyone (the last started first), then SIGKILL whoever is left after the grace period."""
+        for _, process in reversed(self.children):
+            if process.is_alive():
+                process.terminate()
+        deadline = time.monotonic() + grace_seconds
+        for _, process in self.children:
+            process.join(max(0.0, deadline - time.monotonic()))
+        for name, process in self.children:
+            if process.is_alive():
+                logger.warning("%s did not stop in %.0f s; killing it", name, grace_seconds)
+                process.kill()
+                process.join(1.0)
+
+
+class Instance:
+    """Resources of one instance outside its processes; `close` removes them all."""
+
+    def __init__(self, config: ServerConfig, num_compute_processes: int):
+        visual = config.visual.num_encoder_workers
+        ports = free_ports(config.model.tp + visual + 1 + config.visual.dp)
+        runtime = RuntimeConfig(
+            instance=uuid.uuid4().hex[:8],
+            ipc_dir=tempfile.mkdtemp(prefix="lightvlm-"),
+            worker_ports=tuple(ports[:config.model.tp]),
+            visual_ports=tuple(ports[config.model.tp:config.model.tp + visual]),
+            dist_port=ports[config.model.tp + visual],
+            visual_dist_ports=tuple(ports[config.model.tp + visual + 1:]),
+        )
+        runtime = replace(runtime, cpu_share=runtime.shm_prefix + "cpu")
+        self.config = config.with_runtime(runtime)
+        self.cpu_table = CpuShare.create(runtime.cpu_share, num_compute_processes)
+
+    def close(self) -> None:
+        runtime = self.config.runtime
+        self.cpu_table.close()
+        shm.unlink(runtime.cpu_share)
+        removed = shm.sweep(runtime.shm_prefix)
+        if removed:
+            logger.info("removed %d leftover shared-memory segment(s)", len(removed))
+        shutil.rmtree(runtime.ipc_dir, ignore_errors=True)
