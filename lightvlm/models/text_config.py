@@ -6,6 +6,7 @@ from dataclasses import dataclass
 BACKBONES: dict[str, dict] = {
     "qwen2": {"qkv_bias": True, "o_bias": False},
     "llama": {},
+    "qwen3": {"qk_norm": True},  # RMSNorm over each head's q and k before rotary
 }
 
 
@@ -30,6 +31,7 @@ class TextConfig:
     o_bias: bool
     mlp_bias: bool
     tie_word_embeddings: bool
+    qk_norm: bool = False
     rope_form: str = "1d"  # models.layers.rotary.ROTARY_FORMS: "1d", "mrope", "mrope_interleaved"
     mrope_section: tuple[int, ...] = ()
 
@@ -69,6 +71,7 @@ class TextConfig:
             qkv_bias=backbone.get("qkv_bias", attention_bias),
             o_bias=backbone.get("o_bias", attention_bias),
             mlp_bias=hf.get("mlp_bias", False),
+            qk_norm=backbone.get("qk_norm", False),
             tie_word_embeddings=tie_word_embeddings,
             mrope_section=tuple(rope.get("mrope_section", ())),
         )

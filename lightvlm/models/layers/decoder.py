@@ -46,12 +46,18 @@ class DecoderAttention(nn.Module):
         self.qkv_proj = QKVParallelLinear(config.hidden_size, config.head_dim, config.num_heads,
                                           config.num_kv_heads, config.qkv_bias, tp)
         self.o_proj = RowParallelLinear(config.num_heads * config.head_dim, config.hidden_size, config.o_bias, tp)
+        self.has_qk_norm = config.qk_norm
+        if config.qk_norm:  # per head, so tensor parallelism needs nothing special
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, state: AttentionBackend) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split(self.qkv_proj.sizes, dim=-1)
         q = q.view(q.shape[0], -1, self.head_dim)  # [T, heads, D]
         k = k.view(k.shape[0], -1, self.head_dim)  # [T, kv_heads, D]
         v = v.view(v.shape[0], -1, self.head_dim)
+        if self.has_qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(q, k, state.positions)
         return self.o_proj(state.attention(self.layer_id, q, k, v))
 
