@@ -21,7 +21,7 @@ import os
 import sys
 import types
 import urllib.request
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -46,38 +46,24 @@ from lightvlm.workers.spawn import Instance, Rooms
 
 
 @dataclass
-class GenerationConfig:
-    """Unset (None) sampling fields take the checkpoint's generation_config.json values, else the
-    usual defaults (temperature 1, top_p 1, top_k off, min_p 0, repetition_penalty 1)."""
+class GenerationConfig(SamplingParams):
+    """The pipeline's sampling settings (LMDeploy's name): SamplingParams' fields, with 512 new tokens
+    by default, `stop_words` for stop strings, and unset (None) fields taking the checkpoint's
+    generation_config.json values, else the usual defaults."""
 
     max_new_tokens: int = 512
-    min_new_tokens: int = 0
-    do_sample: bool = False
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    ignore_eos: bool = False
-    seed: int | None = None
     stop_words: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
-    skip_special_tokens: bool = True
-    logprobs: bool = False
-    top_logprobs: int = 0
 
     def to_sampling_params(self, defaults: dict) -> SamplingParams:
-        return SamplingParams.build(
-            defaults, max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens, do_sample=self.do_sample,
-            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
-            repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty, seed=self.seed, ignore_eos=self.ignore_eos,
-            stop_sequences=list(self.stop_words or []), stop_token_ids=list(self.stop_token_ids or []),
-            skip_special_tokens=self.skip_special_tokens, logprobs=self.logprobs or self.top_logprobs > 0,
-            top_logprobs=self.top_logprobs,
-        ).validate()
+        values = {f.name: getattr(self, f.name) for f in fields(SamplingParams)}
+        values.update(stop_sequences=[*self.stop_sequences, *self.stop_words],
+                      logprobs=self.logprobs or self.top_logprobs > 0)
+        return SamplingParams.build(defaults, **values).validate()
 
 
 @dataclass
