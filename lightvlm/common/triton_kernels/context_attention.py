@@ -12,8 +12,9 @@ causal mask, offset by the prefix: 0 when nothing was cached). Heads share KV he
 heads / kv_heads. B, q_starts, num_new, prefix_lens, table_rows: [B] integer tensors.
 
 Returns out: [T, heads, D] in q's dtype, written only on the requests' rows: pass `out` to fill the
-rest of a step's rows (e.g. its decode rows) into the same tensor. `max_num_new` (the largest
-num_new) sizes the kernel's grid; give it from the host to spare a device sync.
+rest of a step's rows (e.g. its decode rows) into the same tensor. `max_num_new` sizes the kernel's
+grid: at least the largest num_new (rows past it are not computed), given from the host to spare a
+device sync; when None it is read from num_new. The twin ignores it.
 """
 
 import torch
