@@ -138,7 +138,8 @@ def save_processor(spec: DemoSpec, tokenizer, out: Path, is_next: bool) -> None:
              "crop_size": {"height": spec.image_size, "width": spec.image_size},
              "do_center_crop": spec.do_center_crop}
     if is_next:
-        image_processor = LlavaNextImageProcessorPil(**sizes, image_grid_pinpoints=[list(p) for p in spec.grid_pinpoints])
+        pinpoints = [list(p) for p in spec.grid_pinpoints]
+        image_processor = LlavaNextImageProcessorPil(**sizes, image_grid_pinpoints=pinpoints)
         processor_class = LlavaNextProcessor
     else:
         image_processor = LlavaImageProcessorPil(**sizes, do_pad=spec.do_pad)
