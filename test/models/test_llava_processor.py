@@ -50,6 +50,20 @@ def test_ids_and_pixel_values_equal_transformers(reference):
         np.testing.assert_array_equal(pixels, reference_pixels.numpy(), err_msg=NAMES[i] if i < len(NAMES) else "")
 
 
+def test_multi_turn_chat_ids_equal_transformers(reference):
+    """An assistant turn goes through the template's {% generation %} block (the Llama checkpoints')."""
+    processor = LoadedCheckpoint.open(reference).processor
+    image = load_image("chelsea.png")
+    hf_turns = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
+                {"role": "user", "content": [{"type": "text", "text": "Its color?"}]}]
+    ours = [{**turn, "content": [{"type": "image"} if part["type"] == "image" else part for part in turn["content"]]}
+            for turn in hf_turns]
+    prompt = processor.encode_chat(ours, [processor.image_grid(*image.size)])
+    ids = [processor.image_token_id if item >= 2**40 else item for item in prompt.input_ids]
+    assert ids == hf_inputs(reference, hf_turns)["input_ids"][0].tolist()
+
+
 @pytest.fixture(scope="module")
 def real_next_processor(llava_checkpoints):
     """transformers' LLaVA-NeXT processor with llava-v1.6's geometry: 336-pixel crops of 14-pixel patches."""

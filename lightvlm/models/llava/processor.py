@@ -92,7 +92,8 @@ class LlavaProcessor(BaseProcessor):
         declared = read_json(Path(model_dir) / "processor_config.json")
         self.image_token = declared.get("image_token", self.image_token)
         super().__init__(model_dir)
-        pre, self.settings_source = image_processor_settings(self.model_dir)
+        self.image_settings, self.settings_source = image_processor_settings(self.model_dir)
+        pre = self.image_settings
         if not (pre.get("do_rescale", True) and pre.get("do_normalize", True)):
             raise ValueError(f"{self.settings_source}: images that are not rescaled and normalized are not supported")
         self.resample = Image.Resampling(pre.get("resample", Image.Resampling.BICUBIC))
@@ -108,6 +109,8 @@ class LlavaProcessor(BaseProcessor):
         self.crop = config.vision.image_size
         self.patches_per_side = config.vision.patches_per_side
         self.tokens_per_crop = config.tokens_per_crop
+        if self.do_resize:
+            resized_size(self.crop, self.crop, self.size)  # raises on a size this processor cannot follow
         self.check_crop()
         self.check_declared(declared, config)
 
@@ -130,11 +133,16 @@ class LlavaProcessor(BaseProcessor):
         patch = declared.get("patch_size")
         if patch is None:
             return
-        counted = (self.crop // patch) ** 2 + declared.get("num_additional_image_tokens", 0) - (strategy == "default")
+        if patch != self.crop // self.patches_per_side:
+            raise ValueError(f"processor_config.json says patch_size={patch} but the vision tower's patch_size is "
+                             f"{self.crop // self.patches_per_side} (config.json vision_config)")
+        extra = declared.get("num_additional_image_tokens", 0)
+        counted = self.patches_per_side**2 + extra - (strategy == "default")
         if counted != self.tokens_per_crop:
-            raise ValueError(f"processor_config.json (patch_size={patch}, num_additional_image_tokens="
-                             f"{declared.get('num_additional_image_tokens', 0)}) counts {counted} image tokens per "
-                             f"crop but the vision tower gives {self.tokens_per_crop}")
+            raise ValueError(f"processor_config.json (num_additional_image_tokens={extra}) counts {counted} image "
+                             f"tokens per crop but the vision tower gives {self.tokens_per_crop}, and transformers "
+                             f"would fail on it too; set num_additional_image_tokens to "
+                             f"{extra + self.tokens_per_crop - counted} (the CLS token)")
 
     @property
     def settings(self) -> str:
@@ -167,8 +175,7 @@ class LlavaProcessor(BaseProcessor):
 class LlavaNextProcessor(LlavaProcessor):
     def __init__(self, model_dir: str | Path, config: LlavaNextConfig):
         super().__init__(model_dir, config)
-        pre, _ = image_processor_settings(self.model_dir)
-        pinpoints = tuple(tuple(p) for p in pre.get("image_grid_pinpoints") or config.grid_pinpoints)
+        pinpoints = tuple(tuple(p) for p in self.image_settings.get("image_grid_pinpoints") or config.grid_pinpoints)
         if pinpoints != config.grid_pinpoints:
             raise ValueError(f"{self.settings_source} has image_grid_pinpoints {[list(p) for p in pinpoints]} but "
                              f"config.json has {[list(p) for p in config.grid_pinpoints]}: they must agree")
