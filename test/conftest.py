@@ -39,3 +39,12 @@ def tiny_checkpoint(request) -> Path:
 def small_checkpoint(checkpoints_dir) -> Path:
     """The demo/benchmark checkpoint: about 27M parameters with real InternVL tile geometry."""
     return build_demo_checkpoint(checkpoints_dir / "small", size="small")
+
+
+@pytest.fixture(scope="session")
+def llava_checkpoints(checkpoints_dir):
+    """LLaVA / LLaVA-NeXT checkpoints written by transformers' save_pretrained, each built on first use:
+    `.get(name)` for a name of llava_references.REFERENCES."""
+    from llava_references import ReferenceCheckpoints
+
+    return ReferenceCheckpoints(checkpoints_dir / "llava")

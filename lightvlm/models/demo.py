@@ -22,7 +22,8 @@ from lightvlm.models.registry import load_object
 logger = get_logger(__name__)
 
 # --arch -> the family's builder: (size, backbone, out, dtype, shard_bytes) and its SPECS keyed (size, backbone)
-BUILDERS = {"internvl": "lightvlm.models.internvl.demo"}
+BUILDERS = {"internvl": "lightvlm.models.internvl.demo", "llava": "lightvlm.models.llava.demo",
+            "llava_next": "lightvlm.models.llava.demo_next"}
 
 
 def build_demo_checkpoint(out: str | os.PathLike, arch: str = "internvl", size: str = "tiny",

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import jinja2
 import numpy as np
-from jinja2.ext import loopcontrols
+from jinja2 import nodes
+from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from PIL import Image
 
@@ -72,9 +73,26 @@ def _raise_exception(message: str):
     raise jinja2.exceptions.TemplateError(message)
 
 
+class GenerationBlock(Extension):
+    """`{% generation %}...{% endgeneration %}` (LLaVA's templates wrap the assistant's text in it):
+    transformers tracks where the block's text lands for its assistant masks; rendered, it is its body,
+    in a scope of its own as transformers' call block gives it."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+    def _render(self, caller) -> str:
+        return caller()
+
+
 def compile_chat_template(source: str) -> jinja2.Template:
     # The same environment transformers renders templates in, so the text is identical.
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[loopcontrols, GenerationBlock])
     env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
         x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
     env.globals["raise_exception"] = _raise_exception
@@ -84,6 +102,20 @@ def compile_chat_template(source: str) -> jinja2.Template:
 
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+def image_processor_settings(model_dir: Path) -> tuple[dict, str]:
+    """The image processor's settings from wherever transformers wrote them: inside
+    processor_config.json (`image_processor`, transformers 5) or preprocessor_config.json (4.x).
+    Returns (settings, the file they came from). Never a silent default: none found is an error."""
+    nested = read_json(model_dir / "processor_config.json").get("image_processor")
+    if nested:
+        return nested, "processor_config.json"
+    legacy = read_json(model_dir / "preprocessor_config.json")
+    if legacy:
+        return legacy, "preprocessor_config.json"
+    raise ValueError(f"{model_dir} has no image processor settings: looked for `image_processor` in "
+                     "processor_config.json (transformers 5) and for preprocessor_config.json (transformers 4)")
 
 
 class BaseProcessor:

@@ -46,9 +46,29 @@ INTERNVL = ModelFamily(
     weights="lightvlm.models.internvl.weights:rename",
 )
 
+LLAVA = ModelFamily(
+    name="llava",
+    config="lightvlm.models.llava.config:LlavaConfig.from_hf",
+    processor_class="lightvlm.models.llava.processor:LlavaProcessor",
+    language_class="lightvlm.models.llava.model:LlavaLanguage",
+    visual_class="lightvlm.models.llava.model:LlavaVisual",
+    weights="lightvlm.models.llava.weights:rename",
+)
+
+LLAVA_NEXT = ModelFamily(
+    name="llava_next",
+    config="lightvlm.models.llava.config:LlavaNextConfig.from_hf",
+    processor_class="lightvlm.models.llava.processor:LlavaNextProcessor",
+    language_class="lightvlm.models.llava.model:LlavaLanguage",
+    visual_class="lightvlm.models.llava.model:LlavaNextVisual",
+    weights="lightvlm.models.llava.weights:rename",
+)
+
 # architectures[0] -> family
 ARCHITECTURES: dict[str, ModelFamily] = {
     "InternVLForConditionalGeneration": INTERNVL,
+    "LlavaForConditionalGeneration": LLAVA,
+    "LlavaNextForConditionalGeneration": LLAVA_NEXT,
 }
 
 

@@ -15,7 +15,13 @@ import numpy as np
 from PIL import Image
 
 from lightvlm.models.internvl.config import InternVLConfig
-from lightvlm.models.processor import BaseProcessor, read_json, rescale_and_normalize, to_rgb
+from lightvlm.models.processor import (
+    BaseProcessor,
+    image_processor_settings,
+    read_json,
+    rescale_and_normalize,
+    to_rgb,
+)
 
 
 def candidate_grids(min_tiles: int, max_tiles: int) -> list[tuple[int, int]]:
@@ -54,20 +60,6 @@ def image_length_from_env(geometry_tokens: int) -> int:
                          f"{geometry_tokens} tokens per tile ((image_size / patch_size)^2 x downsample_ratio^2); "
                          f"unset it or set it to {geometry_tokens}")
     return tokens
-
-
-def image_processor_settings(model_dir: Path) -> tuple[dict, str]:
-    """The image processor's settings from wherever transformers wrote them: inside
-    processor_config.json (`image_processor`, transformers 5) or preprocessor_config.json (4.x).
-    Returns (settings, the file they came from). Never a silent default: none found is an error."""
-    nested = read_json(model_dir / "processor_config.json").get("image_processor")
-    if nested:
-        return nested, "processor_config.json"
-    legacy = read_json(model_dir / "preprocessor_config.json")
-    if legacy:
-        return legacy, "preprocessor_config.json"
-    raise ValueError(f"{model_dir} has no image processor settings: looked for `image_processor` in "
-                     "processor_config.json (transformers 5) and for preprocessor_config.json (transformers 4)")
 
 
 class InternVLProcessor(BaseProcessor):
