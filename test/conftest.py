@@ -39,3 +39,12 @@ def tiny_checkpoint(request) -> Path:
 def small_checkpoint(checkpoints_dir) -> Path:
     """The demo/benchmark checkpoint: about 27M parameters with real InternVL tile geometry."""
     return build_demo_checkpoint(checkpoints_dir / "small", size="small")
+
+
+@pytest.fixture(scope="session", params=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def qwen_vl_reference(request, checkpoints_dir) -> Path:
+    """A Qwen-VL checkpoint (model and processor) written by transformers' own save_pretrained, one per
+    model of the line, each with shapes of its own (test/qwen_vl_references.py)."""
+    from qwen_vl_references import build_reference
+
+    return build_reference(request.param, checkpoints_dir / f"reference-{request.param}")

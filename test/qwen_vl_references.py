@@ -79,7 +79,9 @@ def randomize(model: torch.nn.Module, std: float, seed: int) -> None:
     with torch.no_grad():
         for name, param in model.named_parameters():
             noise = torch.randn(param.shape, generator=generator)
-            if "norm" in name or "ln_q" in name:
+            if name.endswith(("q_norm.weight", "k_norm.weight")):  # qk-norm would undo a larger q, k
+                param.copy_(2.5 * (1 + 0.1 * noise))
+            elif "norm" in name or "ln_q" in name:
                 param.copy_(1 + 0.1 * noise if name.endswith("weight") else 0.05 * noise)
             elif name.endswith("bias"):
                 param.copy_(std * noise)
