@@ -45,6 +45,6 @@ def small_checkpoint(checkpoints_dir) -> Path:
 def qwen_vl_reference(request, checkpoints_dir) -> Path:
     """A Qwen-VL checkpoint (model and processor) written by transformers' own save_pretrained, one per
     model of the line, each with shapes of its own (test/qwen_vl_references.py)."""
-    from qwen_vl_references import build_reference
+    from qwen_vl_references import reference_checkpoint
 
-    return build_reference(request.param, checkpoints_dir / f"reference-{request.param}")
+    return reference_checkpoint(checkpoints_dir, request.param)

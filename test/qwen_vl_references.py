@@ -104,6 +104,12 @@ def build_reference(variant: str, out: Path, seed: int = 0, spec: QwenSpec | Non
     return out
 
 
+def reference_checkpoint(root: Path, variant: str) -> Path:
+    """The variant's reference checkpoint under `root`, built the first time it is asked for."""
+    out = root / f"reference-{variant}"
+    return out if (out / "model.safetensors").exists() else build_reference(variant, out)
+
+
 def variant_of(model_dir: Path) -> str:
     return json.loads((Path(model_dir) / "config.json").read_text())["model_type"]
 
