@@ -63,8 +63,7 @@ class QwenSpec:
     deepstack_visual_indexes: tuple[int, ...] = ()
 
 
-def _tiny(variant: str, **vision) -> QwenSpec:
-    backbone = "qwen3" if variant == "qwen3_vl" else "qwen2"
+def _tiny(variant: str, backbone: str, **vision) -> QwenSpec:
     head_dim = 32 if backbone == "qwen3" else None  # Qwen3 states its own (transformers' default is 128)
     text = TextSpec(backbone=backbone, vocab_target=700, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                     intermediate_size=128, initializer_range=0.1, tie_word_embeddings=True, rope_theta=10_000.0,
@@ -77,9 +76,10 @@ def _tiny(variant: str, **vision) -> QwenSpec:
 
 # Under 1M parameters each, for tests: 4 to 64 image rows.
 TINY: dict[str, QwenSpec] = {
-    "qwen2_vl": _tiny("qwen2_vl", patch_size=14),
-    "qwen2_5_vl": _tiny("qwen2_5_vl", patch_size=14, window_size=56, fullatt_block_indexes=(1,)),
-    "qwen3_vl": _tiny("qwen3_vl", patch_size=16, num_position_embeddings=16, deepstack_visual_indexes=(0, 1)),
+    "qwen2_vl": _tiny("qwen2_vl", "qwen2", patch_size=14),
+    "qwen2_5_vl": _tiny("qwen2_5_vl", "qwen2", patch_size=14, window_size=56, fullatt_block_indexes=(1,)),
+    "qwen3_vl": _tiny("qwen3_vl", "qwen3", patch_size=16, num_position_embeddings=16,
+                      deepstack_visual_indexes=(0, 1)),
 }
 
 
@@ -87,22 +87,41 @@ def build_tokenizer(spec: QwenSpec):
     return build_bpe_tokenizer(spec.text, SPECIAL_TOKENS, {}, TEMPLATES[spec.variant])
 
 
+# How each model spells its vision config (and the text settings only it has), as its checkpoints do.
+def _qwen2_vision(spec: QwenSpec) -> dict:
+    return {"model_type": "qwen2_vl_vision", "embed_dim": spec.vision_hidden, "hidden_size": spec.text.hidden_size,
+            "mlp_ratio": spec.vision_intermediate // spec.vision_hidden, "hidden_act": "quick_gelu"}
+
+
+def _qwen2_5_vision(spec: QwenSpec) -> dict:
+    return {"model_type": "qwen2_5_vl_vision", "hidden_size": spec.vision_hidden,
+            "out_hidden_size": spec.text.hidden_size, "intermediate_size": spec.vision_intermediate,
+            "hidden_act": "silu", "window_size": spec.window_size,
+            "fullatt_block_indexes": list(spec.fullatt_block_indexes), "tokens_per_second": 2}
+
+
+def _qwen3_vision(spec: QwenSpec) -> dict:
+    return {"model_type": "qwen3_vl_vision", "hidden_size": spec.vision_hidden,
+            "out_hidden_size": spec.text.hidden_size, "intermediate_size": spec.vision_intermediate,
+            "hidden_act": "gelu_pytorch_tanh", "num_position_embeddings": spec.num_position_embeddings,
+            "deepstack_visual_indexes": list(spec.deepstack_visual_indexes)}
+
+
+CLIP_NORM = ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711])
+HALF_NORM = ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
+# variant -> (vision config writer, extra text config, extra rope parameters, image mean and std)
+SPELLINGS = {
+    "qwen2_vl": (_qwen2_vision, {"use_sliding_window": False}, {}, CLIP_NORM),
+    "qwen2_5_vl": (_qwen2_5_vision, {"use_sliding_window": False}, {}, CLIP_NORM),
+    "qwen3_vl": (_qwen3_vision, {}, {"mrope_interleaved": True}, HALF_NORM),
+}
+
+
 def vision_config(spec: QwenSpec) -> dict:
     common = {"depth": spec.vision_depth, "num_heads": spec.vision_heads, "in_channels": 3,
               "patch_size": spec.patch_size, "spatial_merge_size": 2, "temporal_patch_size": 2,
               "initializer_range": spec.text.initializer_range}
-    out = spec.text.hidden_size
-    if spec.variant == "qwen2_vl":
-        return {**common, "model_type": "qwen2_vl_vision", "embed_dim": spec.vision_hidden, "hidden_size": out,
-                "mlp_ratio": spec.vision_intermediate // spec.vision_hidden, "hidden_act": "quick_gelu"}
-    config = {**common, "hidden_size": spec.vision_hidden, "out_hidden_size": out,
-              "intermediate_size": spec.vision_intermediate}
-    if spec.variant == "qwen2_5_vl":
-        return {**config, "model_type": "qwen2_5_vl_vision", "hidden_act": "silu", "window_size": spec.window_size,
-                "fullatt_block_indexes": list(spec.fullatt_block_indexes), "tokens_per_second": 2}
-    return {**config, "model_type": "qwen3_vl_vision", "hidden_act": "gelu_pytorch_tanh",
-            "num_position_embeddings": spec.num_position_embeddings,
-            "deepstack_visual_indexes": list(spec.deepstack_visual_indexes)}
+    return {**common, **SPELLINGS[spec.variant][0](spec)}
 
 
 def hf_config(spec: QwenSpec, tokenizer) -> dict:
@@ -111,20 +130,18 @@ def hf_config(spec: QwenSpec, tokenizer) -> dict:
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
-    rope = {"rope_type": "default", "rope_theta": t.rope_theta, "mrope_section": list(spec.mrope_section)}
-    if spec.variant == "qwen3_vl":
-        rope["mrope_interleaved"] = True
+    _, text_extra, rope_extra, _ = SPELLINGS[spec.variant]
+    rope = {"rope_type": "default", "rope_theta": t.rope_theta, "mrope_section": list(spec.mrope_section),
+            **rope_extra}
     text = {"model_type": f"{spec.variant}_text", "vocab_size": len(tokenizer), "hidden_size": t.hidden_size,
             "intermediate_size": t.intermediate_size, "num_hidden_layers": t.num_layers,
             "num_attention_heads": t.num_heads, "num_key_value_heads": t.num_kv_heads, "hidden_act": "silu",
             "max_position_embeddings": t.max_position_embeddings, "initializer_range": t.initializer_range,
             "rms_norm_eps": 1e-6, "rope_parameters": rope, "tie_word_embeddings": t.tie_word_embeddings,
             "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
-            "pad_token_id": tokenizer.pad_token_id}
+            "pad_token_id": tokenizer.pad_token_id, **text_extra}
     if t.head_dim is not None:
         text["head_dim"] = t.head_dim
-    if spec.variant != "qwen3_vl":
-        text["use_sliding_window"] = False
     return {"model_type": spec.variant, "architectures": [ARCHITECTURES[spec.variant]], "text_config": text,
             "vision_config": vision_config(spec), "tie_word_embeddings": t.tie_word_embeddings,
             "initializer_range": t.initializer_range, **ids}
@@ -133,8 +150,7 @@ def hf_config(spec: QwenSpec, tokenizer) -> dict:
 def image_processor(spec: QwenSpec):
     from transformers import Qwen2VLImageProcessorPil
 
-    mean = [0.5, 0.5, 0.5] if spec.variant == "qwen3_vl" else [0.48145466, 0.4578275, 0.40821073]
-    std = [0.5, 0.5, 0.5] if spec.variant == "qwen3_vl" else [0.26862954, 0.26130258, 0.27577711]
+    mean, std = SPELLINGS[spec.variant][3]
     return Qwen2VLImageProcessorPil(size={"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels},
                                     patch_size=spec.patch_size, temporal_patch_size=2, merge_size=2,
                                     image_mean=mean, image_std=std)
