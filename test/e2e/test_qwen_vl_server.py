@@ -1,7 +1,11 @@
-"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL through the real server, split as far as it goes on the CPU (--tp 2,
---visual_tp 2) and with a server-wide --max_pixels below the checkpoint's: both faces give the text
-the one-process pipeline gives, count the prompt tokens transformers' processor makes, and take
-per-request resolution bounds that may only lower the server's."""
+"""Qwen-VL through the real server, split as far as it goes on the CPU (--tp 2, --visual_tp 2) and with a
+server-wide --max_pixels below the checkpoint's: both faces give the text the one-process pipeline
+gives, count the prompt tokens transformers' processor makes, and take per-request resolution bounds
+that may only lower the server's.
+
+One server for the module: Qwen3-VL, whose image rows are the widest (DeepStack features ride along
+through the embedding cache and shared memory to every worker rank). What differs between the three
+models of the line lives in the model code, which test_qwen_vl_parity.py runs for all three."""
 
 import base64
 
@@ -14,7 +18,7 @@ from lightvlm.models.processor import split_messages
 
 from conftest import start, stop_and_check
 from helpers import image_bytes, load_image
-from qwen_vl_references import assert_same_greedy, hf_generate, hf_inputs, messages
+from qwen_vl_references import assert_same_greedy, hf_generate, hf_inputs, messages, reference_checkpoint
 
 MAX_NEW = 16
 IMAGES = ("coffee.jpg", "coffee_strip_600x40.jpg")
@@ -27,8 +31,13 @@ def factor_of(model_dir) -> int:
 
 
 @pytest.fixture(scope="module")
+def qwen_vl_reference(checkpoints_dir):
+    return reference_checkpoint(checkpoints_dir, "qwen3_vl")
+
+
+@pytest.fixture(scope="module")
 def served(tmp_path_factory, qwen_vl_reference):
-    """(server, its --max_pixels, the pipeline with the same bound), one model of the line at a time."""
+    """(server, its --max_pixels, the pipeline with the same bound)."""
     max_pixels = factor_of(qwen_vl_reference) ** 2 * 30
     server = start(tmp_path_factory, qwen_vl_reference.name, qwen_vl_reference, "--enable_multimodal",
                    "--tp", "2", "--visual_tp", "2", "--max_pixels", max_pixels, "--max_req_total_len", "1024",
