@@ -2,6 +2,7 @@
 interpolated positions), M-RoPE positions and their decode delta, attention within segments; the
 vision towers split over two ranks; the demo checkpoints in both weight layouts."""
 
+import json
 import multiprocessing as mp
 import queue
 
@@ -21,6 +22,7 @@ from lightvlm.engine.visual_encoder import VisualEncoder
 from lightvlm.models.checkpoint import LoadedCheckpoint
 from lightvlm.models.demo import build_demo_checkpoint
 from lightvlm.models.processor import split_messages
+from lightvlm.models.qwen_vl.config import QwenVLConfig
 from lightvlm.models.qwen_vl.model import mrope_positions
 from lightvlm.models.qwen_vl.vision import interpolated_positions, patch_coordinates, segment_attention, window_order
 from lightvlm.models.qwen_vl.weights import rename
@@ -171,3 +173,18 @@ def test_demo_checkpoints_load_in_both_and_match_transformers(arch, checkpoints_
     response = ours(conversation, GenerationConfig(max_new_tokens=12))
     assert response.input_token_len == inputs["input_ids"].shape[1]
     assert_same_greedy(model_dir, response.token_ids, reference, inputs, f"demo {arch}")
+
+
+def test_hub_style_flat_configs_read_like_nested_ones(checkpoints_dir):
+    """The Hub's Qwen2-VL / Qwen2.5-VL config.json keep the text fields at the top level, spell rope as
+    rope_scaling {"type": "mrope"} with rope_theta beside it, and the ViT's channels as in_chans."""
+    for variant in ("qwen2_vl", "qwen2_5_vl"):
+        nested = json.loads((reference_checkpoint(checkpoints_dir, variant) / "config.json").read_text())
+        text = dict(nested["text_config"])
+        rope = text.pop("rope_parameters")
+        hub_rope = {"type": "mrope", "mrope_section": rope["mrope_section"]}
+        flat = {**{k: v for k, v in nested.items() if k != "text_config"}, **text,
+                "rope_theta": rope["rope_theta"], "rope_scaling": hub_rope,
+                "vision_config": {**{k: v for k, v in nested["vision_config"].items() if k != "in_channels"},
+                                  "in_chans": 3}}
+        assert getattr(QwenVLConfig, variant)(flat) == getattr(QwenVLConfig, variant)(nested)
