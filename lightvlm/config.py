@@ -58,6 +58,8 @@ class VisualConfig:
     cache_max_bytes: int = 2048 * MiB
     dp: int = 1
     tp: int = 1
+    min_pixels: int | None = None  # resolution bounds of dynamic-resolution models; None: the checkpoint's
+    max_pixels: int | None = None
 
     @property
     def num_encoder_workers(self) -> int:
@@ -156,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache_max_mb", type=int, default=2048, help="bytes (in MiB) the embedding cache may hold")
     g.add_argument("--visual_dp", type=int, default=1, help="vision-encoder replicas working in parallel")
     g.add_argument("--visual_tp", type=int, default=1, help="tensor-parallel ranks per vision-encoder replica")
+    g.add_argument("--min_pixels", type=int, default=None,
+                   help="dynamic-resolution models (Qwen-VL): the fewest pixels an image is resized to (default: "
+                        "the checkpoint's); requests may only lower it")
+    g.add_argument("--max_pixels", type=int, default=None,
+                   help="dynamic-resolution models (Qwen-VL): the most pixels an image is resized to, which bounds "
+                        "its tokens (default: the checkpoint's); requests may only lower it")
     g = p.add_argument_group("http")
     g.add_argument("--host", default="127.0.0.1")
     g.add_argument("--port", type=int, default=8000)
@@ -194,7 +202,10 @@ def parse_config(argv: list[str] | None, model_dir: str, device: str, num_device
     args = build_parser().parse_args(argv)
     check_positive(args, "tp", "max_total_token_num", "max_req_total_len", "batch_max_tokens", "running_max_req_size",
                    "visual_infer_batch_size", "cache_capacity", "cache_max_mb", "visual_dp", "visual_tp",
-                   "llm_threads", "visual_threads", "max_body_size", "max_image_bytes", "max_image_pixels")
+                   "llm_threads", "visual_threads", "max_body_size", "max_image_bytes", "max_image_pixels",
+                   "min_pixels", "max_pixels")
+    if args.min_pixels is not None and args.max_pixels is not None and args.min_pixels > args.max_pixels:
+        fail(f"--min_pixels {args.min_pixels} is above --max_pixels {args.max_pixels}")
     if not 0 < args.mem_fraction <= 1:
         fail(f"--mem_fraction must be in (0, 1], got {args.mem_fraction}")
     if device == "cuda" and args.tp > num_devices:
@@ -216,7 +227,8 @@ def parse_config(argv: list[str] | None, model_dir: str, device: str, num_device
                             running_max_req_size=args.running_max_req_size),
         visual=VisualConfig(enabled=args.enable_multimodal, infer_batch_size=args.visual_infer_batch_size,
                             cache_capacity=args.cache_capacity, cache_max_bytes=args.cache_max_mb * MiB,
-                            dp=args.visual_dp, tp=args.visual_tp),
+                            dp=args.visual_dp, tp=args.visual_tp, min_pixels=args.min_pixels,
+                            max_pixels=args.max_pixels),
         http=HttpConfig(host=args.host, port=args.port, max_body_size=args.max_body_size, api_key=args.api_key,
                         allow_origins=tuple(args.allow_origins), image_fetch_timeout=args.image_fetch_timeout,
                         max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels),

@@ -199,13 +199,15 @@ class RemoteRunner:
 class Pipeline:
     def __init__(self, model_dir: str | Path, tp: int = 1, max_batch_size: int = 64, session_len: int | None = None,
                  max_total_token_num: int | None = None, batch_max_tokens: int | None = None,
-                 data_type: str | None = None, device: str | None = None, show_progress: bool = False):
+                 data_type: str | None = None, device: str | None = None, show_progress: bool = False,
+                 min_pixels: int | None = None, max_pixels: int | None = None):
         """tp > 1 runs the language model in `tp` worker processes (torch.distributed: gloo on the CPU,
-        NCCL on CUDA); the vision tower and everything else stay in this process."""
+        NCCL on CUDA); the vision tower and everything else stay in this process. min_pixels /
+        max_pixels replace the checkpoint's resolution bounds (dynamic-resolution families only)."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         ckpt = LoadedCheckpoint.open(model_dir)
         dtype = resolve_dtype(data_type, device, model_dir)
-        self.processor = ckpt.processor
+        self.processor = ckpt.processor.with_pixel_bounds(min_pixels, max_pixels)
         self.sampling_defaults = generation_defaults(model_dir)
         max_positions = ckpt.config.text.max_position_embeddings
         if session_len is not None and session_len > max_positions:

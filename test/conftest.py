@@ -48,3 +48,12 @@ def llava_checkpoints(checkpoints_dir):
     from llava_references import ReferenceCheckpoints
 
     return ReferenceCheckpoints(checkpoints_dir / "llava")
+
+
+@pytest.fixture(scope="session", params=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def qwen_vl_reference(request, checkpoints_dir) -> Path:
+    """A Qwen-VL checkpoint (model and processor) written by transformers' own save_pretrained, one per
+    model of the line, each with shapes of its own (test/qwen_vl_references.py)."""
+    from qwen_vl_references import reference_checkpoint
+
+    return reference_checkpoint(checkpoints_dir, request.param)

@@ -60,14 +60,14 @@ TIES: list[str] = []
 
 
 def assert_same_greedy(model_dir: Path, ours: list[int], reference: list[int], inputs: dict, label: str,
-                       next_logits=hf_next_logits) -> None:
+                       next_logits=None) -> None:
     """Ids must match exactly; the only excuse is a numerical tie in transformers' own logits at the
     first differing step (top two within 1e-4), which is reported. `next_logits(model_dir, inputs,
-    generated)` is transformers' next-token logits for the family (InternVL's by default)."""
+    generated)` is transformers' logits after the prompt and `generated` (InternVL's by default)."""
     if ours == reference:
         return
     step = next((i for i, (a, b) in enumerate(zip(ours, reference)) if a != b), min(len(ours), len(reference)))
-    logits = next_logits(model_dir, inputs, reference[:step])
+    logits = (next_logits or hf_next_logits)(model_dir, inputs, reference[:step])
     top2 = logits.topk(2).values
     gap = float(top2[0] - top2[1])
     assert gap <= 1e-4, (f"{label}: ids differ at step {step} (ours {ours[step:step + 3]}, transformers "

@@ -125,6 +125,12 @@ class BaseProcessor:
 
     image_token: str | None = None
 
+    @property
+    def raw_image_marker(self) -> str:
+        """What one image placeholder of a raw prompt (/generate) becomes before tokenizing; a family whose
+        chat template wraps its tag (Qwen-VL: start tag, pad, end tag) writes the whole wrapping here."""
+        return self.image_token
+
     def __init__(self, model_dir: str | Path):
         from transformers import AutoTokenizer  # tokenizers-backed; the same class transformers uses
 
@@ -174,8 +180,9 @@ class BaseProcessor:
                               f"image(s) were given; put one placeholder ({self.image_token}, <image> or "
                               "<img></img>) where each image goes")
         # One marker token per image, then each marker is swapped for the image's span ids. Added
-        # tokens are split off before BPE runs, so this equals tokenizing the expanded text.
-        marked = self.image_token.join(pieces)
+        # tokens are split off before BPE runs, so this equals tokenizing the expanded text. The chat
+        # template's tag (`placeholders` given) stays itself; a raw prompt's placeholder gets the wrapping.
+        marked = (self.image_token if placeholders is not None else self.raw_image_marker).join(pieces)
         ids = self.tokenizer(marked, add_special_tokens=add_special_tokens)["input_ids"]
         prompt = Prompt(input_ids=[])
         grids = iter(grids)
@@ -208,9 +215,26 @@ class BaseProcessor:
         """The preprocessing settings, hashed together with an image's bytes into its key."""
         raise NotImplementedError
 
-    def image_grid(self, width: int, height: int) -> tuple[int, ...]:
-        """How an image of this size is laid out (tiles, or patches at its resized resolution)."""
+    def image_grid(self, width: int, height: int, min_pixels: int | None = None,
+                   max_pixels: int | None = None) -> tuple[int, ...]:
+        """How an image of this size is laid out (tiles, or patches at its resized resolution). The pixel
+        bounds are a request's own (from `check_pixel_bounds`); families without them never get any."""
         raise NotImplementedError
+
+    def check_pixel_bounds(self, min_pixels: int | None = None, max_pixels: int | None = None) -> dict:
+        """One image's requested resolution bounds -> the keyword arguments `image_grid` takes for it.
+        Raises PromptError, with a message for the client, for bounds this processor does not allow."""
+        if min_pixels is None and max_pixels is None:
+            return {}
+        raise PromptError("min_pixels / max_pixels are for dynamic-resolution models (such as Qwen-VL); this "
+                          "model lays images out as fixed-size tiles, so leave them out")
+
+    def with_pixel_bounds(self, min_pixels: int | None = None, max_pixels: int | None = None) -> "BaseProcessor":
+        """This processor with the server's own resolution bounds (--min_pixels / --max_pixels)."""
+        if min_pixels is None and max_pixels is None:
+            return self
+        raise ValueError("--min_pixels / --max_pixels are for dynamic-resolution models (such as Qwen-VL); this "
+                         "model lays images out as fixed-size tiles")
 
     def image_span(self, grid: tuple[int, ...]) -> tuple[tuple[int, ...], int, int]:
         """(the span's ids, start/end markers included; index of its first embedding row; number of rows)"""

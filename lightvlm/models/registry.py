@@ -64,17 +64,40 @@ LLAVA_NEXT = ModelFamily(
     weights="lightvlm.models.llava.weights:rename",
 )
 
+def qwen_vl(variant: str) -> ModelFamily:
+    """The Qwen-VL line: one folder, one config reader per model."""
+    return ModelFamily(
+        name=variant,
+        config=f"lightvlm.models.qwen_vl.config:QwenVLConfig.{variant}",
+        processor_class="lightvlm.models.qwen_vl.processor:QwenVLProcessor",
+        language_class="lightvlm.models.qwen_vl.model:QwenVLLanguage",
+        visual_class="lightvlm.models.qwen_vl.model:QwenVLVisual",
+        weights="lightvlm.models.qwen_vl.weights:rename",
+    )
+
+
 # architectures[0] -> family
 ARCHITECTURES: dict[str, ModelFamily] = {
     "InternVLForConditionalGeneration": INTERNVL,
     "LlavaForConditionalGeneration": LLAVA,
     "LlavaNextForConditionalGeneration": LLAVA_NEXT,
+    "Qwen2VLForConditionalGeneration": qwen_vl("qwen2_vl"),
+    "Qwen2_5_VLForConditionalGeneration": qwen_vl("qwen2_5_vl"),
+    "Qwen3VLForConditionalGeneration": qwen_vl("qwen3_vl"),
+}
+
+# architectures known and refused, with why (instead of the generic "unsupported")
+REFUSED: dict[str, str] = {
+    "Qwen3VLMoeForConditionalGeneration": "the Qwen3-VL mixture-of-experts models are not supported yet; the dense "
+                                          "Qwen3-VL models (Qwen3VLForConditionalGeneration) are",
 }
 
 
 def get_family(hf_config: dict) -> ModelFamily:
     architectures = hf_config.get("architectures") or []
     name = architectures[0] if architectures else None
+    if name in REFUSED:
+        raise ValueError(f"unsupported architecture {name!r}: {REFUSED[name]}")
     if name not in ARCHITECTURES:
         raise ValueError(f"unsupported architecture {name!r}; supported: {', '.join(sorted(ARCHITECTURES))}")
     return ARCHITECTURES[name]

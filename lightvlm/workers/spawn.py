@@ -49,22 +49,29 @@ class Rooms:
         return name, process, reader
 
     def wait_ready(self, started: list[tuple], should_stop=lambda: False) -> None:
-        """Until each of `started` said ready. Raises RoomFailed with the first one's error."""
+        """Until each of `started` said ready, watching all at once. Raises RoomFailed with the error of
+        the first one that fails (often the one that checks what the user must fix)."""
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
-        for name, process, reader in started:
-            while not reader.poll(0.2):
-                if should_stop():
-                    raise Interrupted("stopped by a signal while starting")
-                if not process.is_alive():
+        waiting = list(started)
+        while waiting:
+            if should_stop():
+                raise Interrupted("stopped by a signal while starting")
+            for room in [r for r in waiting if r[2].poll()]:
+                name, process, reader = room
+                try:
+                    status, detail = reader.recv()
+                except EOFError:
+                    raise RoomFailed(f"{name} exited before it was ready (code {process.exitcode})") from None
+                if status != "ready":
+                    raise RoomFailed(detail)
+                waiting.remove(room)
+            for name, process, reader in waiting:
+                if not process.is_alive() and not reader.poll():
                     raise RoomFailed(f"{name} exited with code {process.exitcode} before it was ready")
-                if time.monotonic() > deadline:
-                    raise RoomFailed(f"{name} was not ready after {START_TIMEOUT_SECONDS:.0f} s")
-            try:
-                status, detail = reader.recv()
-            except EOFError:
-                raise RoomFailed(f"{name} exited before it was ready (code {process.exitcode})") from None
-            if status != "ready":
-                raise RoomFailed(detail)
+            if time.monotonic() > deadline:
+                raise RoomFailed(f"{', '.join(r[0] for r in waiting)} not ready after {START_TIMEOUT_SECONDS:.0f} s")
+            if waiting:
+                mp.connection.wait([r[2] for r in waiting], timeout=0.2)
 
     def first_dead(self) -> tuple[str, int] | None:
         return next(((name, p.exitcode) for name, p in self.children if not p.is_alive()), None)

@@ -22,7 +22,7 @@ from server import Server, alive
 CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 
 
-def run_cli(*args, timeout=60) -> subprocess.CompletedProcess:
+def run_cli(*args, timeout=180) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "lightvlm.server.api_server", *args], capture_output=True,
                           text=True, timeout=timeout)
 
@@ -50,7 +50,7 @@ def test_impossible_values_fail_at_start_up_saying_what_to_change(tiny_qwen2, ar
 
 def test_bad_image_length_env_fails_at_start_up(tiny_qwen2):
     result = subprocess.run([sys.executable, "-m", "lightvlm.server.api_server", "--model_dir", str(tiny_qwen2)],
-                            capture_output=True, text=True, timeout=60, env={"INTERNVL_IMAGE_LENGTH": "256",
+                            capture_output=True, text=True, timeout=180, env={"INTERNVL_IMAGE_LENGTH": "256",
                                                                              "PATH": "/usr/bin:/bin"})
     assert result.returncode != 0 and "INTERNVL_IMAGE_LENGTH=256 contradicts the checkpoint" in result.stderr
 

@@ -101,11 +101,16 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = rotary  # registered once here; the layers share it
 
-    def forward(self, embeds: torch.Tensor, state: AttentionBackend, rows: torch.Tensor) -> torch.Tensor:
-        """embeds: [T, H] -> the final-norm hidden states of `rows` only: [len(rows), H]."""
+    def forward(self, embeds: torch.Tensor, state: AttentionBackend, rows: torch.Tensor,
+                injections: tuple[torch.Tensor, ...] = (), injection_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """embeds: [T, H] -> the final-norm hidden states of `rows` only: [len(rows), H].
+        `injections[i]` ([len(injection_rows), H]) is added to layer i's output at `injection_rows`
+        (DeepStack feeds visual features into the first layers this way)."""
         x = embeds
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             x = layer(x, state)
+            if i < len(injections):
+                x[injection_rows] += injections[i].to(x.dtype)
         return self.norm(x[rows])
 
 

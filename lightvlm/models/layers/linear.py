@@ -119,3 +119,22 @@ class RowParallelLinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         y = self.tp.all_reduce(F.linear(x, self.weight))
         return y + self.bias if self.bias is not None else y
+
+
+class FusedQKVParallelLinear(QKVParallelLinear):
+    """QKVParallelLinear for checkpoints that store q, k and v as one tensor (`qkv`, [q; k; v] rows), as
+    many vision towers do: the fused tensor is split and each part loaded as its own shard."""
+
+    def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool,
+                 tp: TPGroup = SINGLE):
+        super().__init__(hidden, head_dim, num_heads, num_kv_heads, bias, tp)
+        self.full_sizes = (num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim)
+        for param in self.parameters():
+            param.weight_loader = self._load_fused
+            param.required_shards = {None}
+
+    def _load_fused(self, param: nn.Parameter, tensor: torch.Tensor, shard_id=None) -> None:
+        if tensor.shape[0] != sum(self.full_sizes):
+            raise ValueError(f"fused qkv has {tensor.shape[0]} rows, expected {sum(self.full_sizes)}")
+        for part, chunk in zip("qkv", tensor.split(self.full_sizes, dim=0)):
+            self._load(param, chunk, part)

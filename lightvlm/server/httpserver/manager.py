@@ -16,6 +16,7 @@ import zmq
 import zmq.asyncio
 
 from lightvlm.common import shm
+from lightvlm.common.errors import StartupError
 from lightvlm.common.identity import image_key
 from lightvlm.common.logging import get_logger
 from lightvlm.config import ServerConfig
@@ -76,7 +77,10 @@ class HttpServerManager:
         self.config = config
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="http-cpu")
         ckpt = LoadedCheckpoint.open(config.model.model_dir)
-        self.processor = ckpt.processor
+        try:
+            self.processor = ckpt.processor.with_pixel_bounds(config.visual.min_pixels, config.visual.max_pixels)
+        except ValueError as e:
+            raise StartupError(str(e)) from None
         self.max_len = ckpt.context_limit(config.router.max_req_total_len)
         self.sampling_defaults = generation_defaults(config.model.model_dir)
         http = config.http
@@ -136,17 +140,29 @@ class HttpServerManager:
             self.metrics.images_rejected.labels(reason=e.reason).inc()
             raise ClientError(str(e)) from None
 
-    async def prepare_text(self, text: str, images: list[ImageData], add_special_tokens: bool = True) -> Prepared:
-        return await self._run(self._prepare, self.processor.encode, text, images, add_special_tokens)
-
-    async def prepare_chat(self, messages: list[dict], images: list[ImageData]) -> Prepared:
-        return await self._run(self._prepare, self.processor.encode_chat, messages, images)
-
-    def _prepare(self, encode, first, images: list[ImageData], *args) -> Prepared:
-        """Lay each image out (its grid), build the prompt ids around the spans, name each image."""
-        processor = self.processor
+    def pixel_bounds(self, min_pixels: int | None = None, max_pixels: int | None = None) -> dict:
+        """One image's requested resolution bounds, checked against the server's (400 if not allowed)."""
         try:
-            prompt = encode(first, [processor.image_grid(im.width, im.height) for im in images], *args)
+            return self.processor.check_pixel_bounds(min_pixels, max_pixels)
+        except PromptError as e:
+            raise ClientError(str(e)) from None
+
+    async def prepare_text(self, text: str, images: list[ImageData], add_special_tokens: bool = True,
+                           bounds: list[dict] | None = None) -> Prepared:
+        return await self._run(self._prepare, self.processor.encode, text, images, bounds, add_special_tokens)
+
+    async def prepare_chat(self, messages: list[dict], images: list[ImageData],
+                           bounds: list[dict] | None = None) -> Prepared:
+        return await self._run(self._prepare, self.processor.encode_chat, messages, images, bounds)
+
+    def _prepare(self, encode, first, images: list[ImageData], bounds: list[dict] | None, *args) -> Prepared:
+        """Lay each image out (its grid, within its `bounds` from pixel_bounds), build the prompt ids
+        around the spans, name each image."""
+        processor = self.processor
+        bounds = bounds or [{}] * len(images)
+        try:
+            grids = [processor.image_grid(im.width, im.height, **b) for im, b in zip(images, bounds)]
+            prompt = encode(first, grids, *args)
         except PromptError as e:
             raise ClientError(str(e)) from None
         except Exception as e:  # jinja errors and the like: the messages do not fit the template

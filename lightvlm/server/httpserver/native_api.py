@@ -27,6 +27,8 @@ class NativeImage(BaseModel):
     model_config = STRICT
     type: Literal["url", "base64"]
     data: str
+    min_pixels: int | None = None  # this image's resolution bounds (dynamic-resolution models; only lower)
+    max_pixels: int | None = None
 
 
 class MultimodalParams(BaseModel):
@@ -119,6 +121,7 @@ class NativeAPI:
     async def prepare(self, request: web.Request):
         req = parse(GenerateRequest, await read_json(request))
         params = self.manager.stop_tokens_by_name(sampling_params(req.parameters, self.manager.sampling_defaults))
+        bounds = self.image_bounds(req.multimodal_params)
         images = await self.manager.load_images([(i.type, i.data) for i in req.multimodal_params.images])
         if isinstance(req.inputs, list):
             if images:
@@ -127,11 +130,14 @@ class NativeAPI:
                 raise ClientError("inputs is an empty list of token ids")
             prepared = self.manager.prepare_ids(req.inputs)
         else:
-            prepared = await self.manager.prepare_text(req.inputs, images, req.parameters.add_special_tokens)
+            prepared = await self.manager.prepare_text(req.inputs, images, req.parameters.add_special_tokens, bounds)
         if not prepared.prompt_ids:
             raise ClientError("the prompt is empty")
         params = self.manager.check_length(prepared, params, max_new_explicit=True)
         return req, prepared, params
+
+    def image_bounds(self, params: MultimodalParams) -> list[dict]:
+        return [self.manager.pixel_bounds(i.min_pixels, i.max_pixels) for i in params.images]
 
     async def generate(self, request: web.Request) -> web.Response:
         req, prepared, params = await self.prepare(request)
@@ -196,8 +202,9 @@ class NativeAPI:
 
     async def tokens(self, request: web.Request) -> web.Response:
         req = parse(TokensRequest, await read_json(request))
+        bounds = self.image_bounds(req.multimodal_params)
         images = await self.manager.load_images([(i.type, i.data) for i in req.multimodal_params.images])
-        prepared = await self.manager.prepare_text(req.text, images)
+        prepared = await self.manager.prepare_text(req.text, images, bounds=bounds)
         return web.json_response({"ntokens": len(prepared.prompt_ids)})
 
     async def model_name(self, request: web.Request) -> web.Response:

@@ -83,10 +83,19 @@ class SamplingFields(BaseModel):
             raise ClientError(message) from None
 
 
+class ProcessorKwargs(BaseModel):
+    """`mm_processor_kwargs` (as vLLM names them): the resolution bounds of this request's images."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)  # a misspelt bound must not pass unnoticed
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+
+
 class ChatRequest(SamplingFields):
     messages: list[dict[str, Any]]
     logprobs: bool = False
     top_logprobs: int | None = None
+    mm_processor_kwargs: ProcessorKwargs | None = None
 
 
 class CompletionRequest(SamplingFields):
@@ -125,8 +134,10 @@ class OpenAIAPI:
             raise ClientError(str(e)) from None
         if any(not isinstance(s, str) for s in sources):
             raise ClientError("each image_url part needs a 'url' string (http(s) or a data: URL)")
+        kwargs = req.mm_processor_kwargs or ProcessorKwargs()
+        bounds = self.manager.pixel_bounds(kwargs.min_pixels, kwargs.max_pixels)
         images = await self.manager.load_images([("url", s) for s in sources])
-        prepared = await self.manager.prepare_chat(messages, images)
+        prepared = await self.manager.prepare_chat(messages, images, [bounds] * len(images))
         if req.top_logprobs is not None and not req.logprobs:
             raise ClientError("top_logprobs needs logprobs: true")
         params = self.manager.stop_tokens_by_name(
