@@ -8,6 +8,7 @@ table that shares the cores, and every shared-memory segment carrying its prefix
 """
 
 import multiprocessing as mp
+import multiprocessing.connection
 import shutil
 import tempfile
 import time
