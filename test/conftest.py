@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny demo checkpoints (built once per session) and the test images."""
+"""Shared fixtures: the tiny demo checkpoints and the transformers-written reference checkpoints (each
+built once per session)."""
 
 import os
 from pathlib import Path
@@ -39,3 +40,11 @@ def tiny_checkpoint(request) -> Path:
 def small_checkpoint(checkpoints_dir) -> Path:
     """The demo/benchmark checkpoint: about 27M parameters with real InternVL tile geometry."""
     return build_demo_checkpoint(checkpoints_dir / "small", size="small")
+
+
+@pytest.fixture(scope="session")
+def references(tmp_path_factory):
+    """Checkpoints written by transformers (test/references.py), each built on first use."""
+    from references import ReferenceLibrary
+
+    return ReferenceLibrary(tmp_path_factory.mktemp("references"))

@@ -92,6 +92,9 @@ class BaseProcessor:
     text-only family leaves them and `image_token` unset."""
 
     image_token: str | None = None
+    # transformers' processors add the tokenizer's special tokens to a chat unless the template wrote
+    # BOS itself; its tokenizers (text-only models) never add them to a chat
+    adds_special_tokens_to_chats: bool = True
 
     def __init__(self, model_dir: str | Path):
         from transformers import AutoTokenizer  # tokenizers-backed; the same class transformers uses
@@ -163,7 +166,8 @@ class BaseProcessor:
         # As transformers does: a template that writes BOS itself must not get a second one; and only
         # the tag the template writes for an image marks one (a user may write "<image>" as text).
         bos = self.tokenizer.bos_token
-        return self.encode(text, grids, add_special_tokens=not (bos and text.startswith(bos)),
+        add_special_tokens = self.adds_special_tokens_to_chats and not (bos and text.startswith(bos))
+        return self.encode(text, grids, add_special_tokens=add_special_tokens,
                            placeholders=self.chat_placeholder_re if self.image_token else None)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
@@ -191,6 +195,8 @@ class BaseProcessor:
 
 class TextProcessor(BaseProcessor):
     """Text-only language models: tokenizer and chat template, no images."""
+
+    adds_special_tokens_to_chats = False
 
     def __init__(self, model_dir: str | Path, config=None):
         super().__init__(model_dir)

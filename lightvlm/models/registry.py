@@ -46,9 +46,32 @@ INTERNVL = ModelFamily(
     weights="lightvlm.models.internvl.weights:rename",
 )
 
+# OpenGVLab's own layout (what `--trust_remote_code` loads): the same model under other names and keys
+INTERNVL_ORIGINAL = ModelFamily(
+    name="internvl_chat",
+    config="lightvlm.models.internvl.config:InternVLConfig.from_original",
+    processor_class="lightvlm.models.internvl.processor:InternVLProcessor",
+    language_class="lightvlm.models.internvl.model:InternVLLanguage",
+    visual_class="lightvlm.models.internvl.model:InternVLVisual",
+    weights="lightvlm.models.internvl.weights:rename_original",
+)
+
+LLM = ModelFamily(
+    name="llm",
+    config="lightvlm.models.llm.config:LLMConfig.from_hf",
+    processor_class="lightvlm.models.processor:TextProcessor",
+    language_class="lightvlm.models.llm.model:LLMLanguage",
+    visual_class=None,
+    weights="lightvlm.models.llm.weights:rename",
+)
+
 # architectures[0] -> family
 ARCHITECTURES: dict[str, ModelFamily] = {
     "InternVLForConditionalGeneration": INTERNVL,
+    "InternVLChatModel": INTERNVL_ORIGINAL,
+    "Qwen2ForCausalLM": LLM,
+    "LlamaForCausalLM": LLM,
+    "Qwen3ForCausalLM": LLM,
 }
 
 
