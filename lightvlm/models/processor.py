@@ -86,6 +86,24 @@ def read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
 
 
+def load_tokenizer(model_dir: Path):
+    """The folder's tokenizer, as transformers loads it, without running code from the folder: a
+    tokenizer_config.json that points at the checkpoint's own tokenizer class (`auto_map`, as InternLM2
+    folders do) is read from its tokenizer.json with transformers' generic fast tokenizer."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast  # tokenizers-backed, as transformers uses
+
+    config = read_json(model_dir / "tokenizer_config.json")
+    auto_map = config.get("auto_map") or {}
+    if isinstance(auto_map, dict) and "AutoTokenizer" not in auto_map:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    if not (model_dir / "tokenizer.json").exists():
+        raise ValueError(f"{model_dir / 'tokenizer_config.json'} names the checkpoint's own tokenizer code "
+                         f"({config.get('tokenizer_class')}, auto_map) and the folder has no tokenizer.json; "
+                         "lightvlm never runs checkpoint code. Write a tokenizer.json into the folder once, e.g. "
+                         "AutoTokenizer.from_pretrained(folder, trust_remote_code=True).save_pretrained(folder)")
+    return PreTrainedTokenizerFast.from_pretrained(str(model_dir))
+
+
 class BaseProcessor:
     """What every family's processor shares. A family sets `image_token` (the placeholder its chat
     template writes) and implements `settings`, `image_grid`, `image_span` and `preprocess`; a
@@ -97,10 +115,8 @@ class BaseProcessor:
     adds_special_tokens_to_chats: bool = True
 
     def __init__(self, model_dir: str | Path):
-        from transformers import AutoTokenizer  # tokenizers-backed; the same class transformers uses
-
         self.model_dir = Path(model_dir)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+        self.tokenizer = load_tokenizer(self.model_dir)
         template = load_chat_template(self.model_dir)
         self.chat_template = compile_chat_template(template) if template else None
         self.image_token_id = None

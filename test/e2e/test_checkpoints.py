@@ -14,7 +14,7 @@ import pytest
 
 from lightvlm.models.checkpoint import LoadedCheckpoint
 
-from conftest import stop_and_check
+from conftest import start, stop_and_check
 from hf_reference import assert_same_greedy
 from references import TEXT_CASES, reference_greedy, vlm_cases
 from server import Server
@@ -74,92 +74,67 @@ def check_faces(server, model_dir, ref_dir, cases: dict) -> None:
         assert (chat.usage.prompt_tokens, chat.usage.completion_tokens) == (out["prompt_tokens"], len(out["tokens"]))
 
 
-def launch(tmp_path_factory, wanted: dict) -> dict:
-    """Start every server of `wanted` (name -> (model_dir, args)) at once: their start-ups overlap, which
-    on a small machine takes little more than one of them. Returns name -> Server, not waited for."""
-    logs = tmp_path_factory.mktemp("logs")
-    return {name: Server(model_dir, *args, log_path=logs / f"{name}.log") for name, (model_dir, args) in wanted.items()}
+@pytest.fixture(scope="module", params=list(SERVED_VLMS))
+def vlm_server(request, references, tmp_path_factory):
+    name = request.param
+    server = start(tmp_path_factory, name, references(name), "--enable_multimodal", *ARGS, *SERVED_VLMS[name])
+    yield name, server
+    stop_and_check(server)
 
 
-@pytest.fixture(scope="class")
-def vlm_servers(references, tmp_path_factory):
-    servers = launch(tmp_path_factory, {name: (references(name), ["--enable_multimodal", *ARGS, *extra])
-                                        for name, extra in SERVED_VLMS.items()})
-    yield ready(servers)
-    for server in servers.values():
-        stop_and_check(server)
+@pytest.fixture(scope="module", params=["text-qwen2", "text-llama", "text-qwen3"])
+def llm_server(request, references, tmp_path_factory):
+    server = start(tmp_path_factory, request.param, references(request.param), *ARGS)
+    yield request.param, server
+    stop_and_check(server)
 
 
-TEXT_MODELS = ["text-qwen2", "text-llama", "text-qwen3"]
+def test_vlm_greedy_ids_equal_transformers_on_both_faces(vlm_server, references):
+    name, server = vlm_server
+    check_faces(server, references(name), references.reference(name), vlm_cases())
 
 
-@pytest.fixture(scope="class")
-def llm_servers(references, tmp_path_factory):
-    """The text-only servers, and, started with them, two that must refuse to start."""
-    mismatch = tmp_path_factory.mktemp("mismatch") / "hf-llama-448"
-    shutil.copytree(references("hf-llama"), mismatch)
-    config = json.loads((mismatch / "processor_config.json").read_text())
-    config["image_processor"]["size"] = {"height": 448, "width": 448}
-    (mismatch / "processor_config.json").write_text(json.dumps(config))
-    wanted = {name: (references(name), ARGS) for name in TEXT_MODELS}
-    wanted["tile mismatch"] = (mismatch, ["--enable_multimodal", *ARGS])
-    wanted["text-only multimodal"] = (references("text-qwen3"), ["--enable_multimodal", *ARGS])
-    servers = launch(tmp_path_factory, wanted)
-    yield ready({name: servers[name] for name in TEXT_MODELS}) | servers
-    for server in servers.values():
-        stop_and_check(server)
+def test_text_only_greedy_ids_equal_transformers_on_both_faces(llm_server, references):
+    name, server = llm_server
+    check_faces(server, references(name), references(name), TEXT_CASES)
 
 
-def ready(servers: dict) -> dict:
-    try:
-        for server in servers.values():
-            server.wait_ready()
-    except BaseException:
-        for server in servers.values():
-            server.stop()
-        raise
-    return servers
+def test_images_sent_to_a_text_only_model_get_400(llm_server):
+    _, server = llm_server
+    one_image = vlm_cases()["one image"]
+    image = base64.b64encode(image_data(one_image[0]["content"][0]["image"])).decode()
+    body = {"inputs": "<image> What is it?", "parameters": {"max_new_tokens": 4},
+            "multimodal_params": {"images": [{"type": "base64", "data": image}]}}
+    response = server.post("/generate", body)
+    assert response.status_code == 400 and "accepts no images" in response.json()["message"], response.text
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    with pytest.raises(openai.BadRequestError, match="accepts no images"):
+        client.chat.completions.create(model="m", messages=openai_messages(one_image), max_tokens=4)
+    still_serving = server.post("/generate", {"inputs": "Still here?", "parameters": {"max_new_tokens": 2}})
+    assert still_serving.status_code == 200
 
 
-class TestVisionLanguageModels:
-    @pytest.mark.parametrize("name", list(SERVED_VLMS))
-    def test_greedy_ids_equal_transformers_on_both_faces(self, vlm_servers, references, name):
-        check_faces(vlm_servers[name], references(name), references.reference(name), vlm_cases())
-
-
-class TestTextOnlyModels:
-    @pytest.mark.parametrize("name", TEXT_MODELS)
-    def test_greedy_ids_equal_transformers_on_both_faces(self, llm_servers, references, name):
-        check_faces(llm_servers[name], references(name), references(name), TEXT_CASES)
-
-    @pytest.mark.parametrize("name", TEXT_MODELS)
-    def test_images_sent_to_a_text_only_model_get_400(self, llm_servers, name):
-        server = llm_servers[name]
-        one_image = vlm_cases()["one image"]
-        image = base64.b64encode(image_data(one_image[0]["content"][0]["image"])).decode()
-        body = {"inputs": "<image> What is it?", "parameters": {"max_new_tokens": 4},
-                "multimodal_params": {"images": [{"type": "base64", "data": image}]}}
-        response = server.post("/generate", body)
-        assert response.status_code == 400 and "accepts no images" in response.json()["message"], response.text
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-        with pytest.raises(openai.BadRequestError, match="accepts no images"):
-            client.chat.completions.create(model="m", messages=openai_messages(one_image), max_tokens=4)
-        still_serving = server.post("/generate", {"inputs": "Still here?", "parameters": {"max_new_tokens": 2}})
-        assert still_serving.status_code == 200
-
-    def test_processor_and_vision_tile_sizes_that_differ_stop_the_server(self, llm_servers):
-        output = failed_start(llm_servers["tile mismatch"])
-        assert ("the processor's tile size is 448 (processor_config.json) but the vision tower's image_size is 96 "
-                "(config.json vision_config)") in output
-
-    def test_enable_multimodal_on_a_text_only_model_stops_the_server(self, llm_servers):
-        output = failed_start(llm_servers["text-only multimodal"])
-        assert ("is a text-only language model (Qwen3ForCausalLM) and takes no images: start the server without "
-                "--enable_multimodal") in output
-
-
-def failed_start(server: Server) -> str:
+def failed_start(tmp_path_factory, name, model_dir, *args) -> str:
     """The output of a server that must refuse to start; /health must never have answered."""
+    server = Server(model_dir, *args, log_path=tmp_path_factory.mktemp("logs") / f"{name}.log")
     with pytest.raises(RuntimeError, match="server exited with 1") as failure:
         server.wait_ready(timeout=120)
+    server.stop()
     return str(failure.value)
+
+
+def test_processor_and_vision_tile_sizes_that_differ_stop_the_server(references, tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("mismatch") / "hf-llama-448"
+    shutil.copytree(references("hf-llama"), model_dir)
+    config = json.loads((model_dir / "processor_config.json").read_text())
+    config["image_processor"]["size"] = {"height": 448, "width": 448}
+    (model_dir / "processor_config.json").write_text(json.dumps(config))
+    output = failed_start(tmp_path_factory, "mismatch", model_dir, "--enable_multimodal", *ARGS)
+    assert ("the processor's tile size is 448 (processor_config.json) but the vision tower's image_size is 96 "
+            "(config.json vision_config)") in output
+
+
+def test_enable_multimodal_on_a_text_only_model_stops_the_server(references, tmp_path_factory):
+    output = failed_start(tmp_path_factory, "text-multimodal", references("text-qwen3"), "--enable_multimodal", *ARGS)
+    assert ("is a text-only language model (Qwen3ForCausalLM) and takes no images: start the server without "
+            "--enable_multimodal") in output

@@ -170,3 +170,23 @@ def test_text_only_model_has_no_visual_half(references):
     assert not ckpt.is_multimodal and ckpt.config.text.qk_norm
     with pytest.raises(CheckpointError, match="text-only language model .Qwen3ForCausalLM.*without --enable_multi"):
         VisualEncoder(ckpt)
+
+
+def test_a_tokenizer_that_names_checkpoint_code_is_read_without_running_it(references, tmp_path):
+    """InternLM2 folders point AutoTokenizer at their own code (auto_map): its tokenizer.json is read by
+    transformers' generic fast tokenizer; the code is never imported."""
+    src = references("original-internlm2")
+
+    def remote(config):
+        config.update(tokenizer_class="InternLM2Tokenizer",
+                      auto_map={"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer", None]})
+
+    model_dir = edited(src, tmp_path, "remote-tokenizer", tokenizer_config__json=remote)
+    (model_dir / "tokenization_internlm2.py").write_text("raise SystemExit('checkpoint code ran')\n")
+    messages = [{"role": "user", "content": "Hello there, <image> is text here."}]
+    ours = LoadedCheckpoint.open(model_dir).processor.encode_chat(messages, []).input_ids
+    assert ours == LoadedCheckpoint.open(src).processor.encode_chat(messages, []).input_ids
+    (model_dir / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match="names the checkpoint's own tokenizer code .InternLM2Tokenizer, "
+                                              "auto_map. and the folder has no tokenizer.json"):
+        LoadedCheckpoint.open(model_dir)
