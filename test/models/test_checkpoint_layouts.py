@@ -14,7 +14,7 @@ from lightvlm.models.checkpoint import CheckpointError, LoadedCheckpoint, checkp
 from lightvlm.models.internvl.model import pixel_shuffle
 from lightvlm.models.layers.linear import QKVParallelLinear
 
-from references import pack_wqkv
+from layouts import pack_wqkv
 
 
 def edited(src, tmp_path, name, **edits):
@@ -190,3 +190,37 @@ def test_a_tokenizer_that_names_checkpoint_code_is_read_without_running_it(refer
     with pytest.raises(CheckpointError, match="names the checkpoint's own tokenizer code .InternLM2Tokenizer, "
                                               "auto_map. and the folder has no tokenizer.json"):
         LoadedCheckpoint.open(model_dir)
+
+
+def test_eos_ids_come_from_where_transformers_takes_them(references, tmp_path):
+    """generation_config.json, else the language config (here llm_config), else the tokenizer's
+    eos_token; none of them is a start-up error."""
+    src = references("original-qwen2")
+    tokenizer = LoadedCheckpoint.open(src).processor.tokenizer
+    im_end, endoftext = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert set(LoadedCheckpoint.open(src).eos_token_ids) == {im_end}  # generation_config.json's list
+    model_dir = edited(src, tmp_path, "no-generation-config",
+                       config__json=lambda c: c["llm_config"].update(eos_token_id=endoftext))
+    (model_dir / "generation_config.json").unlink()
+    assert LoadedCheckpoint.open(model_dir).eos_token_ids == (endoftext,)
+    edit = tmp_path / "no-generation-config" / "config.json"
+    config = json.loads(edit.read_text())
+    del config["llm_config"]["eos_token_id"]
+    edit.write_text(json.dumps(config))
+    assert LoadedCheckpoint.open(model_dir).eos_token_ids == (im_end,)  # the tokenizer's eos_token
+    tokenizer_config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "eos_token": None}))
+    with pytest.raises(CheckpointError, match="names no EOS token: none in generation_config.json, config.json "
+                                              "or the tokenizer's eos_token"):
+        LoadedCheckpoint.open(model_dir)
+
+
+def test_a_folder_without_chat_template_says_so_on_chats(references, tmp_path):
+    from lightvlm.models.processor import PromptError
+
+    model_dir = edited(references("text-qwen2"), tmp_path, "no-template")
+    (model_dir / "chat_template.jinja").unlink()
+    processor = LoadedCheckpoint.open(model_dir).processor
+    assert processor.encode("Hello", []).input_ids  # raw prompts still work
+    with pytest.raises(PromptError, match="has no chat template; send a raw prompt to /generate instead"):
+        processor.encode_chat([{"role": "user", "content": "Hello"}], [])
