@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny demo checkpoints (built once per session) and the test images."""
+"""Shared fixtures: the tiny demo checkpoints and the transformers-written reference checkpoints (each
+built once per session)."""
 
 import os
 from pathlib import Path
@@ -57,3 +58,11 @@ def qwen_vl_reference(request, checkpoints_dir) -> Path:
     from qwen_vl_references import reference_checkpoint
 
     return reference_checkpoint(checkpoints_dir, request.param)
+
+
+@pytest.fixture(scope="session")
+def references(tmp_path_factory):
+    """Checkpoints written by transformers (test/references.py), each built on first use."""
+    from references import ReferenceLibrary
+
+    return ReferenceLibrary(tmp_path_factory.mktemp("references"))

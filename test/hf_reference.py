@@ -1,4 +1,5 @@
-"""transformers as the reference: its processor and generate() on the same checkpoint.
+"""transformers as the reference: its processor and generate() on the same checkpoint (InternVL, or
+the causal LM and tokenizer of a text-only folder).
 
 InternVLProcessor asks for a video processor, which needs torchvision; the subclass below takes
 none, which is all the image path needs.
@@ -10,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, GotOcr2ImageProcessorPil, InternVLForConditionalGeneration
+from transformers import AutoModelForCausalLM, AutoTokenizer, GotOcr2ImageProcessorPil, InternVLForConditionalGeneration
 from transformers import InternVLProcessor as HFInternVLProcessor
 
 
@@ -19,7 +20,11 @@ class ImageOnlyInternVLProcessor(HFInternVLProcessor):
         super().__init__(image_processor, tokenizer, None, image_seq_length, chat_template, **kwargs)
 
 
-@lru_cache(maxsize=4)
+def is_text_only(model_dir: Path) -> bool:
+    return "vision_config" not in json.loads((model_dir / "config.json").read_text())
+
+
+@lru_cache(maxsize=16)
 def hf_processor(model_dir: Path) -> ImageOnlyInternVLProcessor:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     seq = json.loads((model_dir / "processor_config.json").read_text())["image_seq_length"]
@@ -27,9 +32,11 @@ def hf_processor(model_dir: Path) -> ImageOnlyInternVLProcessor:
                                       image_seq_length=seq, chat_template=tokenizer.chat_template)
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=16)
 def hf_model(model_dir: Path) -> InternVLForConditionalGeneration:
-    return InternVLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    """InternVL, or the causal LM of a text-only folder."""
+    auto = AutoModelForCausalLM if is_text_only(model_dir) else InternVLForConditionalGeneration
+    return auto.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
 def hf_messages(text: str, images: list) -> list[dict]:
@@ -38,6 +45,9 @@ def hf_messages(text: str, images: list) -> list[dict]:
 
 
 def hf_inputs(model_dir: Path, messages: list[dict]) -> dict:
+    if is_text_only(model_dir):
+        return AutoTokenizer.from_pretrained(model_dir).apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
     return hf_processor(model_dir).apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                        return_dict=True, return_tensors="pt")
 

@@ -9,13 +9,17 @@ import numpy as np
 import torch
 
 from lightvlm.common.distributed import SINGLE, TPGroup
-from lightvlm.models.checkpoint import LoadedCheckpoint
+from lightvlm.models.checkpoint import CheckpointError, LoadedCheckpoint
 from lightvlm.models.weight_loader import build_part
 
 
 class VisualEncoder:
     def __init__(self, ckpt: LoadedCheckpoint, dtype: torch.dtype = torch.float32, device: str = "cpu",
                  tp: TPGroup = SINGLE, load_workers: int = 1, show_progress: bool = True):
+        if not ckpt.is_multimodal:  # the visualserver's rooms are started only for --enable_multimodal
+            architecture = (ckpt.hf_config.get("architectures") or ["?"])[0]
+            raise CheckpointError(f"{ckpt.model_dir} is a text-only language model ({architecture}) and takes no "
+                                  "images: start the server without --enable_multimodal")
         self.device = torch.device(device)
         self.dtype = dtype
         self.model = build_part(ckpt, "visual", tp, dtype, device, load_workers, show_progress)

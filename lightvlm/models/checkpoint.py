@@ -103,8 +103,11 @@ class LoadedCheckpoint:
         # is what transformers ends up doing whatever the (often missing) tie_word_embeddings says.
         has_head = any(family.rename(name) == ("language", "lm_head.weight") for name in checkpoint_tensors(model_dir))
         config = replace(config, text=replace(config.text, tie_word_embeddings=not has_head))
+        processor = cls._build_processor(model_dir, family, config)  # building it checks it against the model
+        if getattr(config, "image_token_id", 0) is None:  # the original InternVL layout names it only in the tokenizer
+            config = replace(config, image_token_id=processor.image_token_id)
         ckpt = cls(model_dir, family, config, hf)
-        ckpt.processor  # noqa: B018 (building it checks the processor against the model)
+        ckpt.__dict__["processor"] = processor  # the cached_property's slot
         if not ckpt.eos_token_ids:
             raise CheckpointError(f"{model_dir} names no EOS token: none in generation_config.json, config.json "
                                   "or the tokenizer's eos_token; generation would never stop")
@@ -117,12 +120,16 @@ class LoadedCheckpoint:
     @cached_property
     def processor(self):
         """The family's processor; building it checks it against the model (tile size, tokens per tile, ...)."""
+        return self._build_processor(self.model_dir, self.family, self.config)
+
+    @staticmethod
+    def _build_processor(model_dir: Path, family: ModelFamily, config):
         try:
-            return load_object(self.family.processor_class)(self.model_dir, self.config)
+            return load_object(family.processor_class)(model_dir, config)
         except StartupError:
             raise
         except (OSError, ValueError) as e:
-            raise CheckpointError(f"{self.model_dir}: cannot build the processor: {e}") from None
+            raise CheckpointError(f"{model_dir}: cannot build the processor: {e}") from None
 
     def make_processor(self):
         """A processor of its own (each shell's thread or room may own one)."""

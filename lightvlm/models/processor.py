@@ -104,18 +104,44 @@ def read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
 
 
-def image_processor_settings(model_dir: Path) -> tuple[dict, str]:
+def find_image_processor_settings(model_dir: Path) -> tuple[dict, str] | None:
     """The image processor's settings from wherever transformers wrote them: inside
     processor_config.json (`image_processor`, transformers 5) or preprocessor_config.json (4.x).
-    Returns (settings, the file they came from). Never a silent default: none found is an error."""
+    Returns (settings, the file they came from), or None when neither file has them."""
     nested = read_json(model_dir / "processor_config.json").get("image_processor")
     if nested:
         return nested, "processor_config.json"
     legacy = read_json(model_dir / "preprocessor_config.json")
     if legacy:
         return legacy, "preprocessor_config.json"
-    raise ValueError(f"{model_dir} has no image processor settings: looked for `image_processor` in "
-                     "processor_config.json (transformers 5) and for preprocessor_config.json (transformers 4)")
+    return None
+
+
+def image_processor_settings(model_dir: Path) -> tuple[dict, str]:
+    """As `find_image_processor_settings`; never a silent default: none found is an error."""
+    found = find_image_processor_settings(model_dir)
+    if found is None:
+        raise ValueError(f"{model_dir} has no image processor settings: looked for `image_processor` in "
+                         "processor_config.json (transformers 5) and for preprocessor_config.json (transformers 4)")
+    return found
+
+
+def load_tokenizer(model_dir: Path):
+    """The folder's tokenizer, as transformers loads it, without running code from the folder: a
+    tokenizer_config.json that points at the checkpoint's own tokenizer class (`auto_map`, as InternLM2
+    folders do) is read from its tokenizer.json with transformers' generic fast tokenizer."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast  # tokenizers-backed, as transformers uses
+
+    config = read_json(model_dir / "tokenizer_config.json")
+    auto_map = config.get("auto_map") or {}
+    if isinstance(auto_map, dict) and "AutoTokenizer" not in auto_map:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    if not (model_dir / "tokenizer.json").exists():
+        raise ValueError(f"{model_dir / 'tokenizer_config.json'} names the checkpoint's own tokenizer code "
+                         f"({config.get('tokenizer_class')}, auto_map) and the folder has no tokenizer.json; "
+                         "lightvlm never runs checkpoint code. Write a tokenizer.json into the folder once, e.g. "
+                         "AutoTokenizer.from_pretrained(folder, trust_remote_code=True).save_pretrained(folder)")
+    return PreTrainedTokenizerFast.from_pretrained(str(model_dir))
 
 
 class BaseProcessor:
@@ -124,6 +150,9 @@ class BaseProcessor:
     text-only family leaves them and `image_token` unset."""
 
     image_token: str | None = None
+    # transformers' processors add the tokenizer's special tokens to a chat unless the template wrote
+    # BOS itself; its tokenizers (text-only models) never add them to a chat
+    adds_special_tokens_to_chats: bool = True
 
     @property
     def raw_image_marker(self) -> str:
@@ -132,10 +161,8 @@ class BaseProcessor:
         return self.image_token
 
     def __init__(self, model_dir: str | Path):
-        from transformers import AutoTokenizer  # tokenizers-backed; the same class transformers uses
-
         self.model_dir = Path(model_dir)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+        self.tokenizer = load_tokenizer(self.model_dir)
         template = load_chat_template(self.model_dir)
         self.chat_template = compile_chat_template(template) if template else None
         self.image_token_id = None
@@ -202,7 +229,8 @@ class BaseProcessor:
         # As transformers does: a template that writes BOS itself must not get a second one; and only
         # the tag the template writes for an image marks one (a user may write "<image>" as text).
         bos = self.tokenizer.bos_token
-        return self.encode(text, grids, add_special_tokens=not (bos and text.startswith(bos)),
+        add_special_tokens = self.adds_special_tokens_to_chats and not (bos and text.startswith(bos))
+        return self.encode(text, grids, add_special_tokens=add_special_tokens,
                            placeholders=self.chat_placeholder_re if self.image_token else None)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
@@ -247,6 +275,8 @@ class BaseProcessor:
 
 class TextProcessor(BaseProcessor):
     """Text-only language models: tokenizer and chat template, no images."""
+
+    adds_special_tokens_to_chats = False
 
     def __init__(self, model_dir: str | Path, config=None):
         super().__init__(model_dir)

@@ -46,6 +46,25 @@ INTERNVL = ModelFamily(
     weights="lightvlm.models.internvl.weights:rename",
 )
 
+# OpenGVLab's own layout (what `--trust_remote_code` loads): the same model under other names and keys
+INTERNVL_ORIGINAL = ModelFamily(
+    name="internvl_chat",
+    config="lightvlm.models.internvl.config:InternVLConfig.from_original",
+    processor_class="lightvlm.models.internvl.processor:InternVLProcessor",
+    language_class="lightvlm.models.internvl.model:InternVLLanguage",
+    visual_class="lightvlm.models.internvl.model:InternVLVisual",
+    weights="lightvlm.models.internvl.weights:rename_original",
+)
+
+LLM = ModelFamily(
+    name="llm",
+    config="lightvlm.models.llm.config:LLMConfig.from_hf",
+    processor_class="lightvlm.models.processor:TextProcessor",
+    language_class="lightvlm.models.llm.model:LLMLanguage",
+    visual_class=None,
+    weights="lightvlm.models.llm.weights:rename",
+)
+
 LLAVA = ModelFamily(
     name="llava",
     config="lightvlm.models.llava.config:LlavaConfig.from_hf",
@@ -63,6 +82,7 @@ LLAVA_NEXT = ModelFamily(
     visual_class="lightvlm.models.llava.model:LlavaNextVisual",
     weights="lightvlm.models.llava.weights:rename",
 )
+
 
 def qwen_vl(variant: str) -> ModelFamily:
     """The Qwen-VL line: one folder, one config reader per model."""
@@ -84,6 +104,10 @@ ARCHITECTURES: dict[str, ModelFamily] = {
     "Qwen2VLForConditionalGeneration": qwen_vl("qwen2_vl"),
     "Qwen2_5_VLForConditionalGeneration": qwen_vl("qwen2_5_vl"),
     "Qwen3VLForConditionalGeneration": qwen_vl("qwen3_vl"),
+    "InternVLChatModel": INTERNVL_ORIGINAL,
+    "Qwen2ForCausalLM": LLM,
+    "LlamaForCausalLM": LLM,
+    "Qwen3ForCausalLM": LLM,
 }
 
 # architectures known and refused, with why (instead of the generic "unsupported")

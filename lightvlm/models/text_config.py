@@ -3,10 +3,14 @@
 from dataclasses import dataclass
 
 # What a backbone fixes that its config.json does not state (the rest is read from the config).
+# `attention_bias` names the config key that switches the q/k/v and o biases on, with its default.
 BACKBONES: dict[str, dict] = {
     "qwen2": {"qkv_bias": True, "o_bias": False},
     "llama": {},
     "qwen3": {"qk_norm": True},  # RMSNorm over each head's q and k before rotary
+    # InternLM2 is Llama with other tensor names (models/decoder_weights.py) and its q/k/v fused per KV
+    # head in `wqkv` (unpacked at load time); `bias` (true by default) puts biases on wqkv and wo.
+    "internlm2": {"attention_bias": ("bias", True)},
 }
 
 
@@ -50,8 +54,9 @@ class TextConfig:
             rope["rope_type"] = "default"
         theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
         num_heads = hf["num_attention_heads"]
-        attention_bias = hf.get("attention_bias", False)
         backbone = BACKBONES[model_type]
+        bias_key, bias_default = backbone.get("attention_bias", ("attention_bias", False))
+        attention_bias = hf.get(bias_key, bias_default)
         if tie_word_embeddings is None:
             tie_word_embeddings = hf.get("tie_word_embeddings", False)
         fields = dict(

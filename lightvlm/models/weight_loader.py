@@ -2,8 +2,9 @@
 
 Each checkpoint tensor is renamed by the family (`rename`), routed to one of the modules being loaded
 (a process may load only the visual half or only the language half), folded into fused parameters
-(q/k/v -> qkv_proj, gate/up -> gate_up_proj) and copied by the parameter's own `weight_loader`, which
-takes this rank's slice. Shards are read by `load_workers` threads (env `LOADWORKER`).
+(q/k/v -> qkv_proj, gate/up -> gate_up_proj; a checkpoint's own fused qkv is unpacked first) and
+copied by the parameter's own `weight_loader`, which takes this rank's slice. Shards are read by
+`load_workers` threads (env `LOADWORKER`).
 """
 
 import threading
@@ -17,6 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from lightvlm.models.checkpoint import CheckpointError, LoadedCheckpoint, checkpoint_dtype, checkpoint_files
+from lightvlm.models.layers.linear import PACKED_QKV
 from lightvlm.models.registry import load_object
 
 # (fused parameter, checkpoint name, shard id)
@@ -24,9 +26,13 @@ STACKED_PARAMS = (
     ("qkv_proj", "q_proj", "q"),
     ("qkv_proj", "k_proj", "k"),
     ("qkv_proj", "v_proj", "v"),
+    ("qkv_proj", "qkv", "qkv_concatenated"),  # q, k, v already fused (InternViT)
+    ("qkv_proj", "wqkv", "qkv_grouped"),  # fused per KV head (InternLM2)
     ("gate_up_proj", "gate_proj", 0),
     ("gate_up_proj", "up_proj", 1),
 )
+# a shard id that fills several parts of its parameter at once
+PACKED_SHARDS = {packed: {"q", "k", "v"} for packed in PACKED_QKV}
 
 Rename = Callable[[str], "tuple[str, str] | None"]
 
@@ -70,7 +76,7 @@ def load_weights(modules: dict[str, nn.Module], model_dir: str | Path, rename: R
                 except ValueError as e:
                     raise CheckpointError(f"{ckpt_name} in {path.name}: {e}") from None
                 with lock:
-                    filled.setdefault(id(param), set()).add(shard_id)
+                    filled.setdefault(id(param), set()).update(PACKED_SHARDS.get(shard_id, {shard_id}))
 
     files = checkpoint_files(model_dir)
     progress = tqdm(total=len(files), desc="Loading safetensors", unit="shard", disable=not show_progress)

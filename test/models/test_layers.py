@@ -13,6 +13,7 @@ from lightvlm.models.layers.rotary import inverse_frequencies
     {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
      "original_max_position_embeddings": 8192},
     {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0},  # no original length
+    {"rope_type": "dynamic", "factor": 2.0},  # within max_position_embeddings: the plain frequencies
 ])
 def test_rope_scaling_equals_transformers(scaling):
     config = LlamaConfig(hidden_size=256, num_attention_heads=4, max_position_embeddings=2048,

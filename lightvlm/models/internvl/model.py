@@ -1,4 +1,4 @@
-"""InternVL: InternViT vision tower, pixel-shuffle + MLP projector, and a Qwen2/Llama decoder.
+"""InternVL: InternViT vision tower, pixel-shuffle + MLP projector, and the shared decoder (Qwen2, Llama, InternLM2).
 
 Read top to bottom: patch embedding, vision attention, vision layer, vision tower, projector, then the
 two halves the engine loads separately (the visual half runs in the visualserver's encoder workers,
@@ -64,8 +64,8 @@ class VisionAttention(nn.Module):
                                           config.qkv_bias, tp)
         self.use_qk_norm = config.use_qk_norm
         if self.use_qk_norm:  # normalizes across all heads, so under TP the norm is sharded too
-            self.q_norm = ShardedRMSNorm(config.hidden_size, tp=tp)
-            self.k_norm = ShardedRMSNorm(config.hidden_size, tp=tp)
+            self.q_norm = ShardedRMSNorm(config.hidden_size, config.qk_norm_eps, tp)
+            self.k_norm = ShardedRMSNorm(config.hidden_size, config.qk_norm_eps, tp)
         self.projection_layer = RowParallelLinear(config.hidden_size, config.hidden_size, True, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,16 +138,17 @@ class InternVisionModel(nn.Module):
         return self.layernorm(x) if self.layernorm is not None else x  # [N, P + 1, C]
 
 
-def pixel_shuffle(x: torch.Tensor, factor: int) -> torch.Tensor:
+def pixel_shuffle(x: torch.Tensor, factor: int, version: str = "v2") -> torch.Tensor:
     """[N, side, side, C] -> [N, side/f, side/f, C*f*f], merging each f x f block of patches.
 
     The channel order matches InternVL's: the inner f patches of a row are folded first (with the
-    two spatial axes swapped in between), then the f rows.
+    two spatial axes swapped in between), then the f rows. "v2" swaps the axes back (row-major
+    tokens, transformers' only form); "v1", the original code's default, leaves them swapped.
     """
     n, side, _, channels = x.shape
     x = x.reshape(n, side, side // factor, channels * factor)
     x = x.permute(0, 2, 1, 3).reshape(n, side // factor, side // factor, channels * factor * factor)
-    return x.permute(0, 2, 1, 3).contiguous()
+    return x.permute(0, 2, 1, 3).contiguous() if version == "v2" else x.contiguous()
 
 
 class Projector(nn.Module):
@@ -190,7 +191,7 @@ class InternVLVisual(nn.Module):
         features = self.vision_tower(pixel_values)[:, 1:]  # drop CLS: [N, P, C]
         side = self.config.vision.patches_per_side
         features = features.reshape(features.shape[0], side, side, -1)
-        features = pixel_shuffle(features, self.config.shuffle_factor)
+        features = pixel_shuffle(features, self.config.shuffle_factor, self.config.ps_version)
         features = features.reshape(features.shape[0], -1, features.shape[-1])  # [N, t, C*f*f]
         return self.multi_modal_projector(features)
 

@@ -4,10 +4,15 @@ An image is resized onto the grid of tiles (between min_patches and max_patches 
 ratio is closest to its own, cut into tiles, and, when there is more than one tile, followed by a
 thumbnail of the whole image. Each tile becomes `tokens_per_tile` embedding rows.
 
+Settings come from transformers' image processor files, or, in the original OpenGVLab layout, from
+its config.json keys (`image_settings`). The original layout's chat templates take string contents:
+image parts are written into the text as the image token, where InternVL's chat() puts `<image>`.
+
 `INTERNVL_IMAGE_LENGTH` (env) sets tokens per tile; it must agree with the vision geometry.
 """
 
 import os
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -17,7 +22,7 @@ from PIL import Image
 from lightvlm.models.internvl.config import InternVLConfig
 from lightvlm.models.processor import (
     BaseProcessor,
-    image_processor_settings,
+    find_image_processor_settings,
     read_json,
     rescale_and_normalize,
     to_rgb,
@@ -62,65 +67,130 @@ def image_length_from_env(geometry_tokens: int) -> int:
     return tokens
 
 
+@dataclass(frozen=True)
+class ImageSettings:
+    """How an image becomes tiles, and where that was read (for messages)."""
+
+    tile_size: int
+    min_tiles: int
+    max_tiles: int
+    use_thumbnail: bool
+    dynamic: bool  # false: always one tile, the whole image resized
+    resample: Image.Resampling
+    rescale_factor: float
+    image_mean: tuple[float, ...]
+    image_std: tuple[float, ...]
+    source: str
+
+
+# InternVL's own preprocessing (the model card's load_image, internvl/train/constants.py): bicubic
+# resize, /255, ImageNet mean and std. The original layout's code reads no processor file.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# What GotOcr2ImageProcessor (transformers' InternVL image processor) takes for keys its file leaves out
+GOT_OCR2_DEFAULTS = {"min_patches": 1, "max_patches": 12, "resample": 3, "rescale_factor": 1 / 255,
+                     "image_mean": (0.48145466, 0.4578275, 0.40821073),
+                     "image_std": (0.26862954, 0.26130258, 0.27577711)}
+
+
+def image_settings(model_dir: Path, config: InternVLConfig) -> ImageSettings:
+    """From transformers' image processor files; for the original layout, from its config.json keys
+    where the folder has no such files (its own CLIP-style preprocessor_config.json, which InternVL's
+    code never reads, does not count). Never a silent default: none found is an error."""
+    found = find_image_processor_settings(model_dir)
+    if found and config.layout == "original" and "max_patches" not in found[0]:
+        found = None
+    if found:
+        pre, source = found
+        pre = {**GOT_OCR2_DEFAULTS, **pre}
+        size = pre.get("size") or {}
+        if not isinstance(size, dict) or not size.get("height") or size.get("height") != size.get("width"):
+            raise ValueError(f"{source} in {model_dir}: InternVL tiles must be square, got size={size}")
+        # transformers' InternVLProcessor always crops to tiles and adds the thumbnail, whatever
+        # crop_to_patches says
+        return ImageSettings(size["height"], pre["min_patches"], pre["max_patches"], True, True,
+                             Image.Resampling(pre["resample"]), pre["rescale_factor"], tuple(pre["image_mean"]),
+                             tuple(pre["image_std"]), source)
+    if config.tiling is not None:
+        t = config.tiling
+        return ImageSettings(t.tile_size, t.min_tiles, t.max_tiles, t.use_thumbnail, t.dynamic,
+                             Image.Resampling.BICUBIC, 1 / 255, IMAGENET_MEAN, IMAGENET_STD,
+                             "config.json (force_image_size, min/max_dynamic_patch, use_thumbnail, "
+                             "dynamic_image_size)")
+    raise ValueError(f"{model_dir} has no image processor settings: looked for `image_processor` in "
+                     "processor_config.json (transformers 5) and for preprocessor_config.json (transformers 4)")
+
+
+def text_parts(message: dict, image_token: str) -> dict:
+    """A message with content parts -> the same with one string, each image as `image_token` + newline
+    (what transformers' InternVL template writes; the original layout's templates take strings only,
+    and InternVL's chat() puts `<image>` + newline where each image goes)."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return message
+    text = "".join(image_token + "\n" if part.get("type") == "image" else part.get("text", "") for part in content)
+    return {**message, "content": text}
+
+
 class InternVLProcessor(BaseProcessor):
     image_token = "<IMG_CONTEXT>"
 
     def __init__(self, model_dir: str | Path, config: InternVLConfig):
         """Checks the processor's settings against the model's: tile size vs the vision tower's
-        image_size, tokens per tile vs image_seq_length and INTERNVL_IMAGE_LENGTH."""
+        image_size, tokens per tile vs image_seq_length and INTERNVL_IMAGE_LENGTH, the image token's id."""
         super().__init__(model_dir)
-        pre, source = image_processor_settings(self.model_dir)
-        size = pre.get("size") or {}
-        if not size.get("height") or size.get("height") != size.get("width"):
-            raise ValueError(f"{source} in {self.model_dir}: InternVL tiles must be square, got size={size}")
-        self.tile_size = size["height"]
-        if self.tile_size != config.vision.image_size:
-            raise ValueError(f"the processor's tile size is {self.tile_size} ({source}) but the vision tower's "
-                             f"image_size is {config.vision.image_size} (config.json vision_config): they must agree")
-        self.min_tiles = pre.get("min_patches", 1)
-        self.max_tiles = pre.get("max_patches", 12)
-        self.resample = Image.Resampling(pre.get("resample", Image.Resampling.BICUBIC))
-        self.rescale_factor = pre.get("rescale_factor", 1 / 255)
-        self.image_mean = pre.get("image_mean", [0.485, 0.456, 0.406])
-        self.image_std = pre.get("image_std", [0.229, 0.224, 0.225])
-
+        self.layout = config.layout
+        self.tiling = tiling = image_settings(self.model_dir, config)
+        if tiling.tile_size != config.vision.image_size:
+            raise ValueError(f"the processor's tile size is {tiling.tile_size} ({tiling.source}) but the vision "
+                             f"tower's image_size is {config.vision.image_size} (config.json vision_config): "
+                             "they must agree")
+        self.tile_size = tiling.tile_size
         self.tokens_per_tile = image_length_from_env(config.tokens_per_tile)
         declared = read_json(self.model_dir / "processor_config.json").get("image_seq_length")
         if declared is not None and declared != self.tokens_per_tile:
             raise ValueError(f"processor_config.json says image_seq_length={declared} but the vision tower gives "
                              f"{self.tokens_per_tile} tokens per tile")
+        if config.image_token_id is not None and config.image_token_id != self.image_token_id:
+            raise ValueError(f"config.json says image_token_id={config.image_token_id} but the tokenizer's "
+                             f"{self.image_token} is {self.image_token_id}")
         self.start_id, self.end_id = self.token_id("<img>"), self.token_id("</img>")
 
     @property
     def settings(self) -> str:
-        return (f"internvl tile={self.tile_size} tiles={self.min_tiles}-{self.max_tiles} "
-                f"tokens={self.tokens_per_tile} resample={int(self.resample)} scale={self.rescale_factor} "
-                f"mean={self.image_mean} std={self.image_std}")
+        t = self.tiling
+        return (f"internvl tile={t.tile_size} tiles={t.min_tiles}-{t.max_tiles} thumbnail={t.use_thumbnail} "
+                f"dynamic={t.dynamic} tokens={self.tokens_per_tile} resample={int(t.resample)} "
+                f"scale={t.rescale_factor} mean={list(t.image_mean)} std={list(t.image_std)}")
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        if self.layout == "original":
+            messages = [text_parts(m, self.image_token) for m in messages]
+        return super().apply_chat_template(messages, add_generation_prompt)
 
     def image_grid(self, width: int, height: int) -> tuple[int, int]:
-        """(tile columns, tile rows); more than one tile adds a thumbnail. Always tiled: transformers'
-        InternVLProcessor turns crop_to_patches on whatever the configs say."""
-        if self.max_tiles <= 1:
+        """(tile columns, tile rows)."""
+        t = self.tiling
+        if not t.dynamic or t.max_tiles <= 1:
             return 1, 1
-        return best_grid(width, height, self.tile_size, self.min_tiles, self.max_tiles)
+        return best_grid(width, height, t.tile_size, t.min_tiles, t.max_tiles)
 
-    @staticmethod
-    def num_tiles(grid: tuple[int, int]) -> int:
+    def num_tiles(self, grid: tuple[int, int]) -> int:
         columns, rows = grid
-        return columns * rows + (1 if columns * rows > 1 else 0)  # + thumbnail
+        has_thumbnail = self.tiling.use_thumbnail and columns * rows > 1
+        return columns * rows + has_thumbnail
 
     def image_span(self, grid: tuple[int, int]) -> tuple[tuple[int, ...], int, int]:
         num_rows = self.num_tiles(grid) * self.tokens_per_tile
         return (self.start_id, *([self.image_token_id] * num_rows), self.end_id), 1, num_rows
 
     def preprocess(self, image: Image.Image, grid: tuple[int, int]) -> np.ndarray:
-        """-> tiles [n, 3, S, S] float32, the thumbnail last."""
+        """-> tiles [n, 3, S, S] float32, the thumbnail (if any) last."""
         image = to_rgb(image)
         columns, rows = grid
-        s = self.tile_size
-        resized = np.asarray(image.resize((s * columns, s * rows), resample=self.resample))  # [H, W, 3]
+        s, t = self.tile_size, self.tiling
+        resized = np.asarray(image.resize((s * columns, s * rows), resample=t.resample))  # [H, W, 3]
         tiles = [resized[r * s:(r + 1) * s, c * s:(c + 1) * s]
                  for r in range(rows) for c in range(columns)]
-        if len(tiles) > 1:
-            tiles.append(np.asarray(image.resize((s, s), resample=self.resample)))
-        return rescale_and_normalize(np.stack(tiles), self.rescale_factor, self.image_mean, self.image_std)
+        if self.num_tiles(grid) > len(tiles):
+            tiles.append(np.asarray(image.resize((s, s), resample=t.resample)))
+        return rescale_and_normalize(np.stack(tiles), t.rescale_factor, t.image_mean, t.image_std)

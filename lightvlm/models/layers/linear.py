@@ -67,16 +67,26 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         param.data.narrow(0, offset, size).copy_(tensor.narrow(0, self.tp.rank * size, size))
 
 
+# Fused q/k/v layouts of checkpoints (shard id -> how the rows are ordered):
+#   qkv_concatenated: [all q heads; all k heads; all v heads] (InternViT's attn.qkv)
+#   qkv_grouped: for each KV head, its query heads, its key head, its value head (InternLM2's wqkv)
+PACKED_QKV = ("qkv_concatenated", "qkv_grouped")
+
+
 class QKVParallelLinear(ColumnParallelLinear):
     """Query, key and value projections in one matmul, split by heads.
 
     When there are fewer KV heads than ranks, each KV head is replicated on `tp.size / num_kv_heads`
     ranks, so every rank still holds whole heads.
+
+    Checkpoints give q, k and v as three tensors (shard ids "q", "k", "v") or as one fused tensor, which
+    is unpacked into the three before this rank takes its slice (shard ids in PACKED_QKV).
     """
 
     def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool,
                  tp: TPGroup = SINGLE):
         self.head_dim = head_dim
+        self.total_heads, self.total_kv_heads = num_heads, num_kv_heads
         self.num_heads = divide(num_heads, tp.size, "number of attention heads")
         self.num_kv_heads = kv_heads_per_rank(num_kv_heads, tp.size)
         self.kv_replicas = max(1, tp.size // num_kv_heads)  # ranks sharing one KV head
@@ -91,7 +101,26 @@ class QKVParallelLinear(ColumnParallelLinear):
         kv = self.num_kv_heads * self.head_dim
         return q, kv, kv
 
+    def unpack(self, tensor: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A fused checkpoint tensor (weight [rows, hidden] or bias [rows]) -> the full q, k and v."""
+        d, heads, kv = self.head_dim, self.total_heads, self.total_kv_heads
+        rows, rest = (heads + 2 * kv) * d, tuple(tensor.shape[1:])
+        if tensor.shape[0] != rows:
+            raise ValueError(f"shape mismatch: fused qkv has {tensor.shape[0]} rows, the model needs "
+                             f"({heads} + 2 x {kv} heads) x {d} = {rows}")
+        if layout == "qkv_concatenated":
+            return tuple(tensor.split([heads * d, kv * d, kv * d]))
+        # grouped: per KV head, its `groups` query heads, then its key head, then its value head
+        groups = heads // kv
+        grouped = tensor.reshape(kv, groups + 2, d, *rest)
+        return (grouped[:, :groups].reshape(heads * d, *rest), grouped[:, groups].reshape(kv * d, *rest),
+                grouped[:, groups + 1].reshape(kv * d, *rest))
+
     def _load(self, param: nn.Parameter, tensor: torch.Tensor, shard_id=None) -> None:
+        if shard_id in PACKED_QKV:
+            for part, piece in zip("qkv", self.unpack(tensor, shard_id)):
+                self._load(param, piece, part)
+            return
         q_size, kv_size, _ = self.sizes
         if shard_id == "q":
             offset, size, start = 0, q_size, self.tp.rank * q_size

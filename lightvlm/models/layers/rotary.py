@@ -31,8 +31,17 @@ def _llama3(inv_freq: torch.Tensor, scaling: dict, max_positions: int) -> torch.
     return torch.where(is_medium, smoothed, scaled)
 
 
+def _dynamic(inv_freq: torch.Tensor, scaling: dict, max_positions: int) -> torch.Tensor:
+    """Dynamic NTK (InternLM2, Qwen2.5 in InternVL): the base is raised only once a sequence grows past
+    max_position_embeddings, as InternLM2's DynamicNTKScalingRotaryEmbedding and transformers' "dynamic"
+    do. The engine never holds a sequence that long (LoadedCheckpoint.context_limit and the pipeline's
+    session_len stop at max_position_embeddings), so within what it serves the frequencies are the
+    plain ones."""
+    return inv_freq
+
+
 # rope_type -> how the base frequencies are rescaled
-FREQUENCY_SCALINGS = {"default": _default, "linear": _linear, "llama3": _llama3}
+FREQUENCY_SCALINGS = {"default": _default, "linear": _linear, "llama3": _llama3, "dynamic": _dynamic}
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: dict | None, max_positions: int) -> torch.Tensor:
