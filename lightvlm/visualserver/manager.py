@@ -29,7 +29,6 @@ from lightvlm.visualserver.embed_cache import EmbedCache
 
 logger = get_logger(__name__)
 
-RESULTS = "inproc://encoder-results"
 
 
 @dataclass
@@ -54,7 +53,8 @@ class VisualManager:
         context = zmq.Context.instance()
         self.inbox = Inbox(context, config.runtime.endpoint("visualserver"))
         self.results = context.socket(zmq.PULL)
-        self.results.bind(RESULTS)
+        self.results_endpoint = f"inproc://encoder-results-{id(self)}"  # unique: the tests build several
+        self.results.bind(self.results_endpoint)
         self.to_router = Outbox(context, config.runtime.endpoint("router"))
         self.to_http = Outbox(context, config.runtime.endpoint("httpserver"))
         self.batches: queue.Queue = queue.Queue()
@@ -202,7 +202,7 @@ class VisualManager:
     def _drive_replica(self, ports: list[int], context: zmq.Context) -> None:
         group = WorkerGroup(ports)
         out = context.socket(zmq.PUSH)
-        out.connect(RESULTS)
+        out.connect(self.results_endpoint)
         while True:
             batch = self.batches.get()
             started = time.monotonic()
