@@ -3,9 +3,11 @@ and the output grammar (structured outputs), turned into the tensors the sampler
 
 The grammar's mask for a request's next token exists only once its previous token is known, which
 under the router's one-step-ahead scheduling is when this rank sampled it. So the token is consumed
-right after sampling, and the next mask is filled in a background thread while the model's forward
-runs (llguidance drops the GIL): the mask costs the step nothing unless filling it takes longer than
-the forward. Requests without rules add nothing to a step.
+right after sampling, and the next mask is filled before the next sampling: on a GPU in a background
+thread while the model's forward runs (llguidance drops the GIL), so that it costs the step nothing
+unless it takes longer than the forward; on the CPU, where the forward already has every core, in
+line just before the forward (a thread there only fights the forward's threads for the cores).
+Requests without rules add nothing to a step.
 
 A preempted request comes back registered anew, with a fresh matcher: the outputs it recomputes arrive
 as its prompt-chunk inputs and are consumed before its mask is filled (`replay`).
@@ -80,14 +82,14 @@ class GrammarMasks:
     """Token masks of the requests with a grammar, one int32 row (32 ids a word) per request row of
     the runner, filled in a background thread."""
 
-    def __init__(self, compiler: GrammarCompiler, max_reqs: int):
+    def __init__(self, compiler: GrammarCompiler, max_reqs: int, background: bool = True):
         import llguidance as llg
 
         self.compiler = compiler
         self.max_reqs = max_reqs
         self._bits: torch.Tensor | None = None
         self._executor = llg.LLExecutor(num_threads=max(1, min(8, (os.cpu_count() or 2) // 2)))
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-masks")
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-masks") if background else None
         self._job: Future | None = None
 
     @property
@@ -100,7 +102,9 @@ class GrammarMasks:
         """Fill, in the background, the masks of these (row, rules) whose mask is stale."""
         self.wait()
         todo = [(row, rules) for row, rules in rows if not rules.mask_ready and rules.error is None]
-        if todo:
+        if todo and self._thread is None:
+            self._fill(todo, self.bits)
+        elif todo:
             self._job = self._thread.submit(self._fill, todo, self.bits)
 
     def wait(self) -> None:

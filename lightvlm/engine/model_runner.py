@@ -96,8 +96,10 @@ class ModelRunner:
         self.reqs: dict[int, RunnerReq] = {}
         # logit rules: only the rank that samples applies them (its tokenizer view builds in the background)
         self.tokenizer = ckpt.processor.tokenizer if tp.is_first else None
-        self.grammar_masks = GrammarMasks(GrammarCompiler(self.tokenizer, self.vocab_size, ckpt.eos_token_ids),
-                                          config.max_reqs) if tp.is_first else None
+        self.grammar_masks = None
+        if tp.is_first:
+            compiler = GrammarCompiler(self.tokenizer, self.vocab_size, ckpt.eos_token_ids)
+            self.grammar_masks = GrammarMasks(compiler, config.max_reqs, background=self.device.type != "cpu")
 
     # -- request state -------------------------------------------------------------------------
 

@@ -11,12 +11,14 @@ Penalty semantics: repetition_penalty as transformers' RepetitionPenaltyLogitsPr
 and output tokens); presence/frequency penalties as OpenAI and vLLM define them (over output tokens).
 """
 
+import sys
 from dataclasses import dataclass
 
 import torch
 
 NEG_INF = float("-inf")
 BIT_POSITIONS = torch.arange(32, dtype=torch.int32)
+BYTE_BITS = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).bool()  # byte -> its 8 bits, lowest first
 
 
 @dataclass
@@ -93,17 +95,25 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 
 def unpack_bitmask(bits: torch.Tensor, vocab: int) -> torch.Tensor:
     """Token bitmask [n, words] int32 (bit j of word w allows id 32 w + j) -> allowed [n, vocab] bool.
-    Ids past the mask's width are not allowed."""
-    allowed = (bits.unsqueeze(-1) >> BIT_POSITIONS.to(bits.device)) & 1
-    allowed = allowed.view(bits.shape[0], -1)[:, :vocab].bool()
+    Ids past the mask's width are not allowed. Read a byte at a time through a 256-entry table: on the
+    CPU that is 10-100x faster than shifting every word 32 times (int32 words are little-endian there)."""
+    table = BYTE_BITS.to(bits.device)
+    if sys.byteorder == "little":
+        allowed = torch.nn.functional.embedding(bits.contiguous().view(torch.uint8).int(), table)
+    else:
+        allowed = ((bits.unsqueeze(-1) >> BIT_POSITIONS.to(bits.device)) & 1).bool()
+    allowed = allowed.view(bits.shape[0], -1)[:, :vocab]
     if allowed.shape[1] < vocab:
         allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
     return allowed
 
 
 def mask_rows(logits: torch.Tensor, rows: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """Logits of `rows` outside `allowed` ([len(rows), V] bool) become -inf; other rows are untouched."""
-    return logits.index_put((rows,), logits[rows].masked_fill(~allowed, NEG_INF))
+    """Logits of `rows` (distinct, increasing) outside `allowed` ([len(rows), V] bool) become -inf; other
+    rows are untouched."""
+    if len(rows) == logits.shape[0]:  # every row: no gather and scatter
+        return torch.where(allowed, logits, NEG_INF)
+    return logits.index_put((rows,), torch.where(allowed, logits[rows], NEG_INF))
 
 
 def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
