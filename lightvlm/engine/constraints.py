@@ -10,7 +10,7 @@ line just before the forward (a thread there only fights the forward's threads f
 Requests without rules add nothing to a step.
 
 A preempted request comes back registered anew, with a fresh matcher: the outputs it recomputes arrive
-as its prompt-chunk inputs and are consumed before its mask is filled (`replay`).
+as its prompt-chunk inputs and are consumed before its mask is filled (`start_grammar_masks`).
 """
 
 import os

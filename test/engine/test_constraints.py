@@ -8,7 +8,8 @@ import pytest
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from lightvlm.engine.constraints import bad_words_ids
+from lightvlm.common.grammar import GrammarCompiler
+from lightvlm.engine.constraints import GrammarMasks, LogitRules, bad_words_ids
 from lightvlm.engine.model_runner import ModelRunner, RunnerConfig
 from lightvlm.engine.req import Req, ReqStatus
 from lightvlm.engine.scheduler import Scheduler, SchedulerConfig
@@ -147,3 +148,19 @@ def test_prompt_logprobs_equal_transformers_log_softmax(runner, tiny_qwen2, batc
     assert [got[i].token_id for i in range(1, len(ids))] == ids[1:]
     top = reference[2].topk(2)
     assert [t for t, _ in got[3].top] == top.indices.tolist()
+
+
+def test_masks_filled_in_the_background_equal_those_filled_in_line(ckpt):
+    """The GPU runner fills masks in a thread during the forward; the CPU runner in line."""
+    compiler = GrammarCompiler(ckpt.processor.tokenizer, ckpt.config.text.vocab_size, ckpt.eos_token_ids)
+    masks = {mode: GrammarMasks(compiler, 3, background=mode) for mode in (False, True)}
+    rules = {mode: [LogitRules(matcher=compiler.matcher(SCHEMA.kind, SCHEMA.value)) for _ in range(2)]
+             for mode in (False, True)}
+    for mode in (False, True):
+        for r in rules[mode]:
+            r.consume(0, ckpt.processor.tokenizer.encode("{", add_special_tokens=False)[0])
+        masks[mode].start([(0, rules[mode][0]), (2, rules[mode][1])])
+        masks[mode].wait()
+        assert all(r.mask_ready for r in rules[mode])
+    assert torch.equal(masks[False].bits[[0, 2]], masks[True].bits[[0, 2]])
+    assert not torch.equal(masks[True].bits[0], torch.full_like(masks[True].bits[0], -1))  # a real mask
