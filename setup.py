@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     "uvloop==0.23.0",
     "pydantic==2.14.3",
     "prometheus-client==0.26.0",
+    "llguidance==1.9.1",  # structured outputs (common/grammar.py; why not xgrammar: docs/protocol.md)
 ]
 
 TEST_REQUIRES = [

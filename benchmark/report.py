@@ -148,6 +148,23 @@ def baseline_tables(results: dict) -> list[str]:
     return lines
 
 
+def structured_table(results: dict) -> list[str]:
+    if "structured" not in results:  # a saved run from before structured outputs
+        return []
+    lines = ["## Structured outputs: JSON schema against unconstrained (model runner alone)", "",
+             "Each request decodes 64 tokens under a JSON schema that cannot end early (an array of objects "
+             "with integer, string, enum and boolean fields), or unconstrained; the fastest of three alternating "
+             "runs of each. `python -m benchmark.structured_cost --model_dir DIR` (add `--mask_tokenizer DIR` "
+             "for the masks alone at a real vocabulary size).", "",
+             "| batch | vocab | unconstrained (µs/token) | JSON schema (µs/token) | overhead (µs/token) | "
+             "mask fill (ms/step) |", "|---|---|---|---|---|---|"]
+    for size, row in sorted(results["structured"].items(), key=lambda kv: int(kv[0])):
+        lines.append(f"| {size} | {row['vocab']} | {row['unconstrained']['us_per_token']:.0f} | "
+                     f"{row['json_schema']['us_per_token']:.0f} | {row['overhead_us_per_token']:.0f} "
+                     f"({row['overhead_pct']:+.0f}%) | {row['json_schema']['mask_fill_ms_per_step']:.2f} |")
+    return lines
+
+
 def sweep_table(results: dict) -> list[str]:
     lines = ["## Throughput and TTFT against concurrency", "", "![throughput and TTFT](performance.png)", "",
              "| concurrency | requests | output tok/s | TTFT p50 (ms) | TTFT p99 (ms) |", "|---|---|---|---|---|"]
@@ -160,10 +177,10 @@ def sweep_table(results: dict) -> list[str]:
 def write_report(results: dict, markdown: Path, png: Path, analysis: Path) -> None:
     plot(results, png)
     sections = [header(results), targets(results), lightvlm_table(results), baseline_tables(results),
-                sweep_table(results)]
+                structured_table(results), sweep_table(results)]
     if analysis.exists():
         sections.append([analysis.read_text().strip()])
-    markdown.write_text("\n\n".join("\n".join(section) for section in sections) + "\n")
+    markdown.write_text("\n\n".join("\n".join(section) for section in sections if section) + "\n")
 
 
 if __name__ == "__main__":  # rebuild the report from a saved run: python -m benchmark.report bench_out/results.json

@@ -5,7 +5,7 @@
    through the server, then the same one through transformers (one at a time), so that both sides
    see the same state of a shared machine.
 3. Run transformers (static batches 8/16/32/64) and the engine ceiling (the model runner's loop
-   alone) on the same requests.
+   alone) on the same requests, and the cost of JSON-schema-constrained decoding (batch 1 and 32).
 4. Rewrite docs/performance.md (tables, ratios, targets met or not, machine, commands) and
    docs/performance.png (throughput and TTFT against concurrency). Raw numbers: bench_out/results.json.
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 import requests
 import torch
 
-from benchmark import engine_ceiling, hf_baseline
+from benchmark import engine_ceiling, hf_baseline, structured_cost
 from benchmark.serve import Result, run, summarize
 from benchmark.workloads import build
 from lightvlm.models.demo import demo_checkpoint
@@ -147,6 +147,8 @@ def baselines(model_dir: str, log) -> dict:
     del model
     log("engine ceiling: the model runner's loop alone, batches 8, 16, 32, 64")
     r["ceiling"] = {row["batch_size"]: row for row in engine_ceiling.run(model_dir, [8, 16, 32, 64], 300, 128)}
+    log("structured outputs: JSON-schema-constrained decoding against unconstrained, batches 1 and 32")
+    r["structured"] = {row["batch_size"]: row for row in structured_cost.engine_costs(model_dir, [1, 32], 64)}
     return r
 
 

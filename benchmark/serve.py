@@ -41,7 +41,7 @@ class Result:
 
 async def chat_request(session: aiohttp.ClientSession, url: str, request: BenchRequest, api: str) -> Result:
     if api == "chat":
-        body = {"model": "bench", "messages": request.messages, "max_tokens": request.max_tokens, "stream": True,
+        body = {"messages": request.messages, "max_tokens": request.max_tokens, "stream": True,
                 "temperature": 0, "ignore_eos": True, "stream_options": {"include_usage": True}}
         endpoint = url + "/v1/chat/completions"
     else:

@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass, field, replace
 
 MiB = 1 << 20
+TOOL_CALL_PARSERS = ("hermes", "internlm")  # the keys of server/httpserver/tool_parsers.TOOL_PARSERS
 
 
 def env_int(name: str, default: int, minimum: int = 1) -> int:
@@ -76,6 +77,7 @@ class HttpConfig:
     image_fetch_timeout: float = 10.0
     max_image_bytes: int = 32 * MiB
     max_image_pixels: int = 40_000_000
+    tool_call_parser: str | None = None  # how tool calls read in the model's output (httpserver/tool_parsers.py)
 
 
 @dataclass(frozen=True)
@@ -174,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_image_bytes", type=int, default=32 * MiB, help="largest image file in bytes")
     g.add_argument("--max_image_pixels", type=int, default=40_000_000,
                    help="largest image in pixels, checked from the header before decoding")
+    g.add_argument("--tool_call_parser", default=None, choices=TOOL_CALL_PARSERS,
+                   help="the model's tool-call format, for `tools` in chat requests: hermes (Qwen2/2.5/3, Hermes) "
+                        "or internlm (InternLM2); without it, a request with tools is a 400")
     g = p.add_argument_group("cpu")
     g.add_argument("--llm_threads", type=int, default=None,
                    help="torch threads per model worker, always (default: the cores are shared at each step "
@@ -231,7 +236,8 @@ def parse_config(argv: list[str] | None, model_dir: str, device: str, num_device
                             max_pixels=args.max_pixels),
         http=HttpConfig(host=args.host, port=args.port, max_body_size=args.max_body_size, api_key=args.api_key,
                         allow_origins=tuple(args.allow_origins), image_fetch_timeout=args.image_fetch_timeout,
-                        max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels),
+                        max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
+                        tool_call_parser=args.tool_call_parser),
         cpu=CpuConfig(llm_threads=args.llm_threads, visual_threads=args.visual_threads, cores=os.cpu_count() or 1),
         log_level=args.log_level,
     )

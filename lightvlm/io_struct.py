@@ -74,6 +74,9 @@ class StepOutput:
     token_ids: tuple[int, ...]
     logprobs: tuple[TokenLogprob, ...] | None = None
     failed: tuple[tuple[int, str], ...] = ()  # (req id, error) for requests the step could not run
+    finished: tuple[int, ...] = ()  # requests whose output grammar is complete with the token just sampled
+    # prompt logprobs computed in this step: (req id, position of the first, one per prompt token from it)
+    prompt_logprobs: tuple[tuple[int, int, tuple[TokenLogprob | None, ...]], ...] = ()
 
 
 # ---- httpserver -> visualserver -> router ----------------------------------------------------------
@@ -128,6 +131,8 @@ class TokenOut:
     token_id: int | None
     logprob: TokenLogprob | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort" when the request ended
+    # on the first token of a request that asked: every prompt token's logprob (the first one None)
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -156,6 +161,7 @@ class TextOut:
     num_output_tokens: int
     logprob: TokenLogprob | None = None
     finish_reason: str | None = None
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # passed on from TokenOut
 
 
 @dataclass(frozen=True)

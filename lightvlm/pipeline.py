@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from lightvlm.common import shm
+from lightvlm.common.grammar import GrammarCompiler
 from lightvlm.common.identity import content_digest, image_key
 from lightvlm.config import CpuConfig, ModelConfig, RouterConfig, ServerConfig, load_workers
 from lightvlm.engine.detokenizer import Detokenizer
@@ -76,6 +77,7 @@ class Response:
     index: int = 0
     logprobs: list[TokenLogprob] | None = None
     error: str | None = None  # finish_reason "error": the model failed on this request
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # with prompt_logprobs set: one per prompt token
 
 
 def read_image(source) -> tuple[Image.Image, str]:
@@ -223,10 +225,13 @@ class Pipeline:
         if tp == 1:
             self.images = ImageStore()
             self.runner = ModelRunner(ckpt, runner_config, self.images, show_progress=show_progress)
+            self.grammar = self.runner.grammar_masks.compiler  # output constraints, checked before they run
         else:
             self.runner = RemoteRunner(model_dir, tp, runner_config, data_type)
             self.images = SharedImageStore(self.runner.prefix)
+            self.grammar = GrammarCompiler(self.processor.tokenizer, ckpt.config.text.vocab_size, ckpt.eos_token_ids)
             atexit.register(self.close)
+        self.vocab_size = ckpt.config.text.vocab_size
         self.scheduler = Scheduler(SchedulerConfig(num_slots=num_slots,
                                                    batch_max_tokens=batch_max_tokens or max(self.session_len, 2048),
                                                    running_max_req_size=max_batch_size))
@@ -234,6 +239,7 @@ class Pipeline:
         self._next_id = 0
         self._reqs: dict[int, Req] = {}
         self._logprobs: dict[int, list[TokenLogprob]] = {}
+        self._prompt_logprobs: dict[int, dict[int, TokenLogprob | None]] = {}
         self._errors: dict[int, str] = {}
 
     def __call__(self, prompts, gen_config: GenerationConfig | None = None):
@@ -252,7 +258,9 @@ class Pipeline:
 
     def add_requests(self, prompts: list, gen_config: GenerationConfig | None = None) -> list[int]:
         """Tokenize, encode every new image in one batch, and queue the requests. Returns their ids."""
-        params = (gen_config or GenerationConfig()).to_sampling_params(self.sampling_defaults)
+        params = (gen_config or GenerationConfig()).to_sampling_params(self.sampling_defaults).validate(self.vocab_size)
+        if params.constraint is not None:  # a bad one raises GrammarError (a ValueError) naming the problem
+            self.grammar.check(params.constraint.kind, params.constraint.value)
         prepared, todo = [], {}
         for prompt in prompts:
             messages, sources = split_messages(to_messages(prompt))
@@ -311,6 +319,13 @@ class Pipeline:
             failed.append(req)
         sampled = dict(zip(out.req_ids, out.token_ids))
         finished = failed + self.scheduler.update(batch, sampled)
+        for req_id in out.finished:  # the output grammar is complete: its token just sampled was the last
+            req = self._reqs[req_id]
+            if not req.status.is_finished:
+                self.scheduler.finish(req, ReqStatus.FINISHED_STOPPED)
+                finished.append(req)
+        for req_id, first, values in out.prompt_logprobs:
+            self._prompt_logprobs.setdefault(req_id, {}).update(enumerate(values, start=first))
         for i, (req_id, token) in enumerate(sampled.items()):
             req = self._reqs[req_id]
             if out.logprobs is not None:
@@ -332,10 +347,13 @@ class Pipeline:
         del self._reqs[req.req_id]
         logprobs = self._logprobs.pop(req.req_id)
         error = self._errors.pop(req.req_id, None)
+        prompt = self._prompt_logprobs.pop(req.req_id, {})
+        prompt_logprobs = [prompt.get(i) for i in range(req.num_prompt_tokens)]
         return Response(text=state.text if state else text, token_ids=list(req.output_ids),
                         finish_reason="error" if error else req.status.finish_reason,
                         input_token_len=req.num_prompt_tokens, generate_token_len=len(req.output_ids),
-                        index=req.req_id, logprobs=logprobs if req.sampling.logprobs else None, error=error)
+                        index=req.req_id, logprobs=logprobs if req.sampling.logprobs else None, error=error,
+                        prompt_logprobs=prompt_logprobs if req.sampling.prompt_logprobs is not None else None)
 
 
     def close(self) -> None:

@@ -1,7 +1,8 @@
 """How one request wants its tokens chosen and when it wants to stop. Pure data, no torch.
 
 The same object serves the offline pipeline (`GenerationConfig` converts into it), the native API
-and the OpenAI API. `validate()` raises ValueError with a message a user can act on.
+and the OpenAI API; each face maps its field names onto it in one place. `validate()` raises
+ValueError with a message a user can act on.
 """
 
 from dataclasses import dataclass, field, replace
@@ -10,6 +11,19 @@ MAX_INT32 = 2**31 - 1
 MAX_CHOICES = 16  # n / best_of
 # Fields a request may leave unset (None) to get the checkpoint's generation_config.json value.
 MODEL_DEFAULTED = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+MAX_LOGPROBS = 20  # top alternatives per token (OpenAI's and vLLM's limit)
+MAX_LOGIT_BIAS = 100.0  # OpenAI: each bias lies in [-100, 100]
+CONSTRAINT_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What the output must match (structured outputs), as text: `value` is the JSON schema (JSON
+    text) for json_schema, "" for json_object (any JSON object), a regular expression, the choices
+    as a JSON list of strings, or a Lark / GBNF grammar. common/grammar.py turns it into a grammar."""
+
+    kind: str
+    value: str = ""
 
 
 @dataclass
@@ -31,8 +45,14 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logprobs: bool = False
     top_logprobs: int = 0
+    prompt_logprobs: int | None = None  # logprobs of the prompt tokens too, with this many alternatives
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    allowed_token_ids: list[int] | None = None  # only these may be sampled
+    bad_words: list[str] = field(default_factory=list)  # never generated (each word as its tokens)
+    constraint: Constraint | None = None  # the output matches this grammar; it ends when the grammar does
 
-    def validate(self) -> "SamplingParams":
+    def validate(self, vocab_size: int | None = None) -> "SamplingParams":
+        """Ranges and types; with `vocab_size`, token ids (logit_bias, allowed_token_ids) are checked too."""
         checks = [
             (isinstance(self.max_new_tokens, int) and 1 <= self.max_new_tokens <= MAX_INT32,
              f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}"),
@@ -53,14 +73,33 @@ class SamplingParams:
              "stop sequences must be non-empty strings"),
             (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
              "stop_token_ids must be non-negative integers"),
-            (isinstance(self.top_logprobs, int) and 0 <= self.top_logprobs <= 20,
-             f"top_logprobs must be an integer in [0, 20], got {self.top_logprobs!r}"),
+            (isinstance(self.top_logprobs, int) and 0 <= self.top_logprobs <= MAX_LOGPROBS,
+             f"top_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.top_logprobs!r}"),
+            (self.prompt_logprobs is None or (isinstance(self.prompt_logprobs, int)
+                                              and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
+             f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs!r}"),
+            (all(isinstance(t, int) and t >= 0 for t in self.logit_bias)
+             and all(isinstance(b, (int, float)) and -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS
+                     for b in self.logit_bias.values()),
+             f"logit_bias maps token ids (integers >= 0) to biases in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"),
+            (self.allowed_token_ids is None or (bool(self.allowed_token_ids) and all(
+                isinstance(t, int) and t >= 0 for t in self.allowed_token_ids)),
+             "allowed_token_ids must be a non-empty list of token ids (integers >= 0)"),
+            (all(isinstance(w, str) and w.strip() for w in self.bad_words), "bad_words must be non-empty strings"),
+            (self.constraint is None or (self.constraint.kind in CONSTRAINT_KINDS
+                                         and isinstance(self.constraint.value, str)),
+             f"the output constraint must be one of {', '.join(CONSTRAINT_KINDS)}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
         if self.min_new_tokens > self.max_new_tokens:
             raise ValueError(f"min_new_tokens ({self.min_new_tokens}) exceeds max_new_tokens ({self.max_new_tokens})")
+        if vocab_size is not None:
+            for name, ids in (("logit_bias", self.logit_bias), ("allowed_token_ids", self.allowed_token_ids or ())):
+                outside = sorted(t for t in ids if t >= vocab_size)
+                if outside:
+                    raise ValueError(f"{name} has token ids outside the vocabulary [0, {vocab_size}): {outside[:5]}")
         return self
 
     @classmethod
@@ -80,6 +119,11 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return not self.do_sample or self.temperature == 0 or self.top_k == 1
+
+    @property
+    def has_logit_rules(self) -> bool:
+        """Anything that masks or shifts logits per request (beyond penalties and min_new_tokens)."""
+        return bool(self.logit_bias or self.allowed_token_ids or self.bad_words or self.constraint)
 
     @property
     def has_penalties(self) -> bool:

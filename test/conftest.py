@@ -2,6 +2,7 @@
 built once per session)."""
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,20 @@ def tiny_qwen2(checkpoints_dir) -> Path:
 def tiny_llama(checkpoints_dir) -> Path:
     """InternVL, Llama backbone with other shapes: 6 heads / 2 KV heads, 3 layers, 96-pixel tiles."""
     return build_demo_checkpoint(checkpoints_dir / "tiny-llama", size="tiny", backbone="llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_tools(tiny_qwen2, checkpoints_dir) -> Path:
+    """tiny_qwen2 with Qwen2.5's chat template for tools (fixtures/qwen2_5_tools_template.jinja, which also
+    places images): the checkpoint for tool calls. The weights are linked, not copied."""
+    out = checkpoints_dir / "tiny-qwen2-tools"
+    out.mkdir(exist_ok=True)
+    for path in tiny_qwen2.iterdir():
+        target = out / path.name
+        if not target.exists():
+            target.symlink_to(path) if path.suffix == ".safetensors" else shutil.copy(path, target)
+    shutil.copy(Path(__file__).parent / "fixtures" / "qwen2_5_tools_template.jinja", out / "chat_template.jinja")
+    return out
 
 
 @pytest.fixture(scope="session", params=["tiny_qwen2", "tiny_llama"])

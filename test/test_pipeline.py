@@ -2,6 +2,7 @@
 
 import base64
 import http.server
+import json
 import threading
 from functools import partial
 from pathlib import Path
@@ -9,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from lightvlm import GenerationConfig, pipeline
+from lightvlm.common.grammar import GrammarError
+from lightvlm.sampling_params import Constraint
 
 from helpers import IMAGES, image_bytes, load_image
 
@@ -149,3 +152,15 @@ def test_a_request_the_model_fails_on_ends_with_an_error(pipe, monkeypatch):
     monkeypatch.undo()
     assert good.finish_reason != "error" and good.token_ids == pipe("Hello", GREEDY).token_ids
     assert bad.finish_reason == "error" and "the model choked" in bad.error and bad.token_ids == []
+
+
+def test_structured_outputs_and_prompt_logprobs_in_the_pipeline(pipe):
+    choices = ["red", "green", "blue"]
+    config = GenerationConfig(max_new_tokens=20, constraint=Constraint("choice", json.dumps(choices)),
+                              prompt_logprobs=1, logit_bias={5: -100.0})
+    r = pipe(("Which color?", load_image("rocket.jpg")), gen_config=config)
+    assert r.text in choices and r.finish_reason == "stop"  # ended by the grammar
+    assert len(r.prompt_logprobs) == r.input_token_len and r.prompt_logprobs[0] is None
+    assert sum(lp is None for lp in r.prompt_logprobs) > 16  # the image rows have no token to score
+    with pytest.raises(GrammarError, match="Invalid type"):
+        pipe("Hi", GenerationConfig(constraint=Constraint("json_schema", '{"type": "foo"}')))

@@ -6,6 +6,10 @@ generator, the token history its penalties need, and the token it sampled last (
 step's input may name only as PENDING_TOKEN). Everything else arrives in the StepInput. Under tensor
 parallelism every rank runs the same step; rank 0 samples, reports, and shares the tokens with the
 other ranks.
+
+The sampling rank also owns each request's logit rules (engine/constraints.py: logit_bias,
+allowed_token_ids, bad_words, the output grammar) and computes prompt logprobs inside the prefill
+(engine/prompt_logprobs.py).
 """
 
 from collections.abc import Callable
@@ -15,6 +19,16 @@ from typing import Protocol
 import torch
 
 from lightvlm.common.distributed import SINGLE, TPGroup, kv_heads_per_rank
+from lightvlm.common.grammar import GrammarCompiler
+from lightvlm.engine import prompt_logprobs
+from lightvlm.engine.constraints import (
+    GrammarMasks,
+    LogitRules,
+    add_logit_rules,
+    build_rules,
+    consume_grammar,
+    start_grammar_masks,
+)
 from lightvlm.engine.infer_state import InferState, KVCache, PrefillChunk
 from lightvlm.engine.sampler import SamplingBatch, sample
 from lightvlm.io_struct import PENDING_TOKEN, ReqInit, StepInput, StepOutput, TokenLogprob
@@ -53,6 +67,8 @@ class RunnerReq:
     seen: torch.Tensor | None = None  # [V] bool, for repetition penalty
     counts: torch.Tensor | None = None  # [V] float, output token counts
     last_token: int | None = None  # sampled by the latest step, not yet fed back
+    rules: LogitRules | None = None  # logit_bias, allowed ids, bad words, grammar (sampling rank only)
+    prompt_carry: torch.Tensor | None = None  # [V] log-softmax of a prompt chunk's last row (prompt logprobs)
 
     @property
     def num_outputs(self) -> int:
@@ -78,6 +94,12 @@ class ModelRunner:
         self.req_to_slots = torch.zeros(config.max_reqs, config.max_len, dtype=torch.long, device=self.device)
         self.free_rows = list(range(config.max_reqs - 1, -1, -1))
         self.reqs: dict[int, RunnerReq] = {}
+        # logit rules: only the rank that samples applies them (its tokenizer view builds in the background)
+        self.tokenizer = ckpt.processor.tokenizer if tp.is_first else None
+        self.grammar_masks = None
+        if tp.is_first:
+            compiler = GrammarCompiler(self.tokenizer, self.vocab_size, ckpt.eos_token_ids)
+            self.grammar_masks = GrammarMasks(compiler, config.max_reqs, background=self.device.type != "cpu")
 
     # -- request state -------------------------------------------------------------------------
 
@@ -100,7 +122,9 @@ class ModelRunner:
                 self.image_store.drop(key)
             raise
         positions = self.model.plan_positions(init.num_prompt_tokens, init.images)
-        req = RunnerReq(init=init, row=self.free_rows.pop(), positions=positions, generator=generator)
+        rules = build_rules(init.sampling, self.tokenizer, self.grammar_masks.compiler,
+                            self.device) if self.tp.is_first else None
+        req = RunnerReq(init=init, row=self.free_rows.pop(), positions=positions, generator=generator, rules=rules)
         if init.sampling.has_penalties:
             req.seen = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
             req.counts = torch.zeros(self.vocab_size, dtype=torch.float32, device=self.device)
@@ -174,18 +198,33 @@ class ModelRunner:
         return StepOutput(req_ids=tuple(i for o in outputs for i in o.req_ids),
                           token_ids=tuple(t for o in outputs for t in o.token_ids),
                           logprobs=tuple(lp for o in outputs for lp in (o.logprobs or ())) or None,
-                          failed=tuple(failed))
+                          failed=(*(f for o in outputs for f in o.failed), *failed),
+                          finished=tuple(i for o in outputs for i in o.finished),
+                          prompt_logprobs=tuple(p for o in outputs for p in o.prompt_logprobs))
 
     def _run(self, step: StepInput, check: Callable[[StepInput], None] | None) -> StepOutput:
         if check is not None:
             check(step)
         state, sampled_ids = self.prepare(step)
+        prompt_chunks, prompt_rows = prompt_logprobs.plan(step, self.reqs, self.vocab_size)
+        if prompt_rows:  # the prompt rows first, the sampled rows last
+            rows = torch.tensor(prompt_rows, dtype=torch.long, device=self.device)
+            state.logit_rows = torch.cat([rows, state.logit_rows])
+        if self.grammar_masks is not None:  # filled while the forward runs
+            start_grammar_masks(self.grammar_masks, step, self.reqs, sampled_ids)
         logits = self.model(state)
         self._commit(step)  # the step ran through: only now advance what a rerun must not see advanced
+        prompt_out = ()
+        if prompt_chunks:
+            if self.tp.is_first:
+                prompt_out = prompt_logprobs.compute(prompt_chunks, logits[:len(prompt_rows)], self.reqs,
+                                                     self.vocab_size)
+            logits = logits[len(prompt_rows):]
         if not sampled_ids:
-            return StepOutput(req_ids=(), token_ids=())
+            return StepOutput(req_ids=(), token_ids=(), prompt_logprobs=prompt_out)
         # validated parameters: sampling does not fail
         out = self._sample(sampled_ids, logits) if self.tp.is_first else StepOutput(req_ids=(), token_ids=())
+        out = replace(out, prompt_logprobs=prompt_out) if prompt_out else out
         tokens = out.token_ids
         if self.tp.size > 1:  # every rank feeds the tokens back in the next step
             shared = torch.tensor(tokens or [0] * len(sampled_ids), dtype=torch.long, device=self.device)
@@ -201,6 +240,9 @@ class ModelRunner:
             req = self.reqs[req_id]
             if req.seen is not None:
                 self._track_penalty_tokens(req, req.num_computed_tokens, step.input_ids[row:row + n])
+            if req.rules is not None and req.rules.bad_words:
+                skip = max(0, req.init.num_prompt_tokens - req.num_computed_tokens)
+                req.rules.output_ids.extend(step.input_ids[row + skip:row + n])
             req.num_computed_tokens += n
             row += n
 
@@ -281,6 +323,7 @@ class ModelRunner:
         batch = self._sampling_batch(reqs)
         tokens, logprobs, top = sample(logits, batch)
         token_list = tokens.tolist()
+        finished, failed = consume_grammar([(r.init.req_id, r.num_outputs, r.rules) for r in reqs], token_list)
         logprob_out = None
         if logprobs is not None:
             chosen = logprobs.tolist()
@@ -289,7 +332,8 @@ class ModelRunner:
             logprob_out = tuple(
                 TokenLogprob(t, lp, tuple(zip(ids[:r.init.sampling.top_logprobs], vals[:r.init.sampling.top_logprobs])))
                 for r, t, lp, ids, vals in zip(reqs, token_list, chosen, top_ids, top_values))
-        return StepOutput(req_ids=tuple(req_ids), token_ids=tuple(token_list), logprobs=logprob_out)
+        return StepOutput(req_ids=tuple(req_ids), token_ids=tuple(token_list), logprobs=logprob_out,
+                          failed=failed, finished=finished)
 
     def _sampling_batch(self, reqs: list[RunnerReq]) -> SamplingBatch:
         dev = self.device
@@ -318,6 +362,9 @@ class ModelRunner:
             for i, r in banned:
                 stop_ids = [t for t in (*r.init.eos_token_ids, *r.init.sampling.stop_token_ids) if t < self.vocab_size]
                 batch.banned[i, stop_ids] = True
+        ruled = [(i, r) for i, r in enumerate(reqs) if r.rules is not None]
+        if ruled:
+            add_logit_rules(batch, [(i, r.row, r.rules) for i, r in ruled], self.grammar_masks, self.vocab_size)
         return batch
 
 

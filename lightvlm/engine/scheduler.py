@@ -152,8 +152,10 @@ class Scheduler:
             if item.req.req_id not in self._sent:
                 self._sent.add(item.req.req_id)
                 batch.new_reqs.append(item.req)
+        if not batch.items:
+            return None  # what was released waits for the next step (taken now, it would be lost)
         batch.released = self.take_released()
-        return batch if batch.items else None
+        return batch
 
     def take_released(self) -> list[int]:
         """Requests the workers should forget, handed out once (normally with the next step)."""

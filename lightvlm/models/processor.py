@@ -184,13 +184,16 @@ class BaseProcessor:
 
     # -- text ------------------------------------------------------------------------------------
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """messages in the HF form: content is a string or parts {"type": "text"|"image", ...}."""
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None,
+                            **template_kwargs) -> str:
+        """messages in the HF form: content is a string or parts {"type": "text"|"image", ...}; `tools` are
+        OpenAI-style function tools, which the template renders as it defines (transformers' argument)."""
         if self.chat_template is None:
             raise PromptError(f"{self.model_dir} has no chat template; send a raw prompt to /generate instead")
         special = {k: v for k, v in self.tokenizer.special_tokens_map.items() if isinstance(v, str)}
-        return self.chat_template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
-                                         documents=None, **special)
+        variables = {"documents": None, **special, **template_kwargs}
+        return self.chat_template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                                         **variables)
 
     def encode(self, text: str, grids: list[tuple[int, ...]], add_special_tokens: bool = True,
                placeholders: re.Pattern | None = None) -> Prompt:
@@ -224,8 +227,8 @@ class BaseProcessor:
         return prompt
 
     def encode_chat(self, messages: list[dict], grids: list[tuple[int, ...]],
-                    add_generation_prompt: bool = True) -> Prompt:
-        text = self.apply_chat_template(messages, add_generation_prompt)
+                    add_generation_prompt: bool = True, tools: list | None = None, **template_kwargs) -> Prompt:
+        text = self.apply_chat_template(messages, add_generation_prompt, tools, **template_kwargs)
         # As transformers does: a template that writes BOS itself must not get a second one; and only
         # the tag the template writes for an image marks one (a user may write "<image>" as text).
         bos = self.tokenizer.bos_token

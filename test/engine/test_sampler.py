@@ -19,6 +19,7 @@ from lightvlm.engine.sampler import (
     apply_top_p,
     process_logits,
     sample,
+    unpack_bitmask,
 )
 
 V = 50
@@ -131,3 +132,36 @@ def test_logprobs_are_the_raw_log_softmax(logits):
     expected = logits.log_softmax(-1)
     assert torch.allclose(chosen, expected.gather(1, tokens[:, None]).squeeze(1))
     assert torch.equal(top.indices[:, 0], tokens)
+
+
+# -- per-request masks and biases (logit_bias, allowed_token_ids, the output grammar) -------------------
+
+def bitmask_of(allowed: list[list[int]], vocab: int) -> torch.Tensor:
+    words = (vocab + 31) // 32
+    bits = torch.zeros(len(allowed), words, dtype=torch.int64)
+    for row, ids in enumerate(allowed):
+        for i in ids:
+            bits[row, i // 32] |= 1 << (i % 32)
+    return torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32)  # bit 31 is the sign bit
+
+
+def test_unpack_bitmask_reads_every_bit():
+    allowed = [[0, 31, 32, 49], [5], list(range(V))]
+    unpacked = unpack_bitmask(bitmask_of(allowed, V), V)
+    for row, ids in enumerate(allowed):
+        assert unpacked[row].nonzero().flatten().tolist() == ids
+
+
+def test_masks_and_biases_touch_only_their_rows(logits):
+    plain = process_logits(logits, batch_of(4))
+    batch = batch_of(4, grammar=(torch.tensor([1]), bitmask_of([[3, 7]], V)),
+                     allowed=(torch.tensor([3]), torch.zeros(1, V, dtype=torch.bool).index_fill_(1, torch.tensor([9]),
+                                                                                                  True)),
+                     bias=(torch.tensor([2, 2]), torch.tensor([4, 5]), torch.tensor([100.0, -100.0])))
+    ruled = process_logits(logits, batch)
+    assert torch.equal(ruled[0], plain[0])  # a row without rules pays nothing and changes in no bit
+    assert torch.isfinite(ruled[1]).nonzero().flatten().tolist() == [3, 7]
+    assert torch.isfinite(ruled[3]).nonzero().flatten().tolist() == [9]
+    assert ruled[2, 4] == logits[2, 4] + 100 and ruled[2, 5] == logits[2, 5] - 100
+    tokens, _, _ = sample(logits, batch)
+    assert tokens[2] == 4 and tokens[1] in (3, 7) and tokens[3] == 9

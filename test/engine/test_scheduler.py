@@ -107,6 +107,17 @@ def test_abort_frees_kv_slots_and_tells_workers():
     assert scheduler.abort(12345) is None
 
 
+def test_requests_released_when_the_batch_runs_empty_are_told_with_the_next_step():
+    """The workers learn of finished requests only through a step: a schedule() with nothing to run must
+    keep them for the next one (else the workers hold their rows and images for ever)."""
+    scheduler = Scheduler(SchedulerConfig(num_slots=1000, batch_max_tokens=1000, running_max_req_size=8))
+    scheduler.add(make_req(0, 5, 1))
+    run_step(scheduler)  # its only token: finished
+    assert scheduler.schedule() is None
+    scheduler.add(make_req(1, 5, 1))
+    assert scheduler.schedule().released == [0]
+
+
 def test_eos_min_tokens_and_stop_ids():
     req = make_req(0, 3, 10)
     req.sampling.min_new_tokens = 2

@@ -19,8 +19,11 @@ from lightvlm.server.httpserver.openai_api import OpenAIAPI
 logger = get_logger(__name__)
 
 
+OPENAI_SHAPED = ("/v1/", "/tokenize", "/detokenize")  # routes that answer errors as OpenAI does
+
+
 def error_response(request: web.Request, status: int, message: str) -> web.Response:
-    if request.path.startswith("/v1/"):
+    if request.path.startswith(OPENAI_SHAPED):
         kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                 413: "invalid_request_error", 503: "service_unavailable"}.get(status, "server_error")
         body = {"error": {"message": message, "type": kind, "code": status}}
@@ -34,7 +37,7 @@ async def errors_as_json(request: web.Request, handler):
     try:
         return await handler(request)
     except ClientError as e:
-        return error_response(request, 400, str(e))
+        return error_response(request, e.status, str(e))
     except RequestFailed as e:
         return error_response(request, e.status, str(e))
     except web.HTTPRequestEntityTooLarge:

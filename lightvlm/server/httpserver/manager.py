@@ -6,6 +6,7 @@ AbortReq so every room frees what it holds, and unlinks image bytes it wrote but
 """
 
 import asyncio
+import functools
 import itertools
 import time
 from collections.abc import AsyncIterator
@@ -17,6 +18,7 @@ import zmq.asyncio
 
 from lightvlm.common import shm
 from lightvlm.common.errors import StartupError
+from lightvlm.common.grammar import GrammarCompiler, GrammarError
 from lightvlm.common.identity import image_key
 from lightvlm.common.logging import get_logger
 from lightvlm.config import ServerConfig
@@ -33,7 +35,9 @@ HEARTBEAT_TIMEOUT = 10.0  # seconds without a room's stats before /health says 5
 
 
 class ClientError(ValueError):
-    """A request the client must fix: answered with 400 and this message."""
+    """A request the client must fix: answered with `status` (400 unless a subclass says otherwise)."""
+
+    status = 400
 
 
 class RequestFailed(RuntimeError):
@@ -81,12 +85,15 @@ class HttpServerManager:
             self.processor = ckpt.processor.with_pixel_bounds(config.visual.min_pixels, config.visual.max_pixels)
         except ValueError as e:
             raise StartupError(str(e)) from None
+        self.vocab_size = ckpt.config.text.vocab_size  # the logits' width: token ids in requests stay below
+        # output constraints are compiled here first, so that a bad one is a 400 (common/grammar.py)
+        self.grammar = GrammarCompiler(self.processor.tokenizer, self.vocab_size, ckpt.eos_token_ids)
         self.max_len = ckpt.context_limit(config.router.max_req_total_len)
         self.sampling_defaults = generation_defaults(config.model.model_dir)
         http = config.http
         self.media = MediaLoader(MediaLimits(http.image_fetch_timeout, http.max_image_bytes, http.max_image_pixels),
                                  self.executor)
-        self.metrics = Metrics()
+        self.metrics = Metrics(config.model.model_name)
         self.added_tokens = dict(self.processor.tokenizer.get_added_vocab())
         self.states: dict[int, RequestState] = {}
         self.room_reports: dict[str, RoomStats] = {}  # each room's latest, also its heartbeat
@@ -151,9 +158,12 @@ class HttpServerManager:
                            bounds: list[dict] | None = None) -> Prepared:
         return await self._run(self._prepare, self.processor.encode, text, images, bounds, add_special_tokens)
 
-    async def prepare_chat(self, messages: list[dict], images: list[ImageData],
-                           bounds: list[dict] | None = None) -> Prepared:
-        return await self._run(self._prepare, self.processor.encode_chat, messages, images, bounds)
+    async def prepare_chat(self, messages: list[dict], images: list[ImageData], bounds: list[dict] | None = None,
+                           add_generation_prompt: bool = True, tools: list | None = None,
+                           template_kwargs: dict | None = None) -> Prepared:
+        encode = functools.partial(self.processor.encode_chat, add_generation_prompt=add_generation_prompt,
+                                   tools=tools, **(template_kwargs or {}))
+        return await self._run(self._prepare, encode, messages, images, bounds)
 
     def _prepare(self, encode, first, images: list[ImageData], bounds: list[dict] | None, *args) -> Prepared:
         """Lay each image out (its grid, within its `bounds` from pixel_bounds), build the prompt ids
@@ -198,6 +208,16 @@ class HttpServerManager:
                               f"({params.max_new_tokens}) exceeds the limit of {limit} (--max_req_total_len)")
         max_new = params.max_new_tokens if max_new_explicit else room
         return replace(params, max_new_tokens=max_new, min_new_tokens=min(params.min_new_tokens, max_new))
+
+    async def check_params(self, params: SamplingParams) -> SamplingParams:
+        """Ranges, token ids against the vocabulary, and the output constraint compiled: each a 400."""
+        try:
+            params.validate(self.vocab_size)
+            if params.constraint is not None:
+                await self._run(self.grammar.check, params.constraint.kind, params.constraint.value)
+        except (ValueError, GrammarError) as e:
+            raise ClientError(str(e)) from None
+        return params
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -254,11 +274,12 @@ class HttpServerManager:
                     self.metrics.finish(state, f"error_{out.status}")
                     raise RequestFailed(out.status, out.message)
                 self.metrics.token(state)
-                yield out
-                if out.finish_reason is not None:
-                    self.metrics.finish(state, out.finish_reason)
+                if out.finish_reason is not None:  # done before the last yield: a caller that stops reading
+                    self.metrics.finish(state, out.finish_reason)  # after it must not count an abort
                     state.done = True
+                    yield out
                     return
+                yield out
         finally:
             self.states.pop(state.req_id, None)
             if not state.done:

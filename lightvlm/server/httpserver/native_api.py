@@ -2,16 +2,19 @@
 
 The request schema accepts every parameter name LightLLM accepts (see docs/protocol.md for the ones
 lightvlm does not act on yet) and rejects any other key, so a typo is a 400, not a silent default.
+LightLLM's structured-output parameters (`guided_json`, `regular_constraint`, `guided_grammar`,
+`allowed_token_ids`) constrain decoding; `return_details` adds the tokens' and the prompt's logprobs.
 """
 
 import json
 from contextlib import aclosing
+from dataclasses import replace
 from typing import Any, Literal
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from lightvlm.sampling_params import MAX_CHOICES, SamplingParams
+from lightvlm.sampling_params import MAX_CHOICES, Constraint, SamplingParams
 from lightvlm.server.httpserver.http_utils import parse, read_json
 from lightvlm.server.httpserver.manager import (
     ClientError,
@@ -19,6 +22,7 @@ from lightvlm.server.httpserver.manager import (
     RequestFailed,
     RequestState,
 )
+from lightvlm.server.httpserver.structured import pick_one, schema_text
 
 STRICT = ConfigDict(extra="forbid", strict=True)
 
@@ -54,7 +58,11 @@ class NativeParameters(BaseModel):
     seed: int | None = None
     skip_special_tokens: bool = True
     add_special_tokens: bool = True
-    return_details: bool = False
+    return_details: bool = False  # adds each token's logprob, and the prompt tokens' logprobs
+    regular_constraint: str | None = None  # the output matches this regex
+    guided_grammar: str | None = None  # ... this Lark or GBNF grammar
+    guided_json: Any = None  # ... this JSON schema (an object or JSON text)
+    allowed_token_ids: list[int] | None = None
     best_of: int = 1
     n: int = 1
     # Accepted for LightLLM compatibility, not acted on (docs/protocol.md lists them):
@@ -63,15 +71,21 @@ class NativeParameters(BaseModel):
     add_spaces_between_special_tokens: bool | None = None
     print_eos_token: bool | None = None
     image_max_patch_num: int | None = None
-    regular_constraint: str | None = None
-    guided_grammar: str | None = None
-    guided_json: Any = None
-    allowed_token_ids: list[int] | None = None
     group_request_id: int | None = None
     suggested_dp_index: int | None = None
     move_kv_to_decode_node: Any = None
 
+    def constraint(self) -> Constraint | None:
+        return pick_one({
+            "guided_json": None if self.guided_json is None else Constraint(
+                "json_schema", schema_text(self.guided_json, "guided_json")),
+            "regular_constraint": None if self.regular_constraint is None else Constraint("regex",
+                                                                                          self.regular_constraint),
+            "guided_grammar": None if self.guided_grammar is None else Constraint("grammar", self.guided_grammar),
+        })
+
     def to_sampling_params(self, defaults: dict) -> SamplingParams:
+        """The one mapping of LightLLM's parameter names onto SamplingParams."""
         stops = [self.stop_sequences] if isinstance(self.stop_sequences, str) else list(self.stop_sequences or [])
         return SamplingParams.build(
             defaults, max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens, do_sample=self.do_sample,
@@ -80,6 +94,8 @@ class NativeParameters(BaseModel):
             frequency_penalty=self.frequency_penalty, seed=self.seed, ignore_eos=self.ignore_eos,
             stop_sequences=stops, stop_token_ids=list(self.stop_token_ids),
             skip_special_tokens=self.skip_special_tokens, logprobs=self.return_details,
+            prompt_logprobs=0 if self.return_details else None, allowed_token_ids=self.allowed_token_ids,
+            constraint=self.constraint(),
         )
 
 
@@ -121,6 +137,7 @@ class NativeAPI:
     async def prepare(self, request: web.Request):
         req = parse(GenerateRequest, await read_json(request))
         params = self.manager.stop_tokens_by_name(sampling_params(req.parameters, self.manager.sampling_defaults))
+        params = await self.manager.check_params(params)
         bounds = self.image_bounds(req.multimodal_params)
         images = await self.manager.load_images([(i.type, i.data) for i in req.multimodal_params.images])
         if isinstance(req.inputs, list):
@@ -145,23 +162,38 @@ class NativeAPI:
         states = await self.manager.submit_many(prepared, [params.for_choice(i) for i in range(count)])
         results = await self.manager.collect_all(states, self.collect)
         body = {
-            "generated_text": [text for text, _, _ in results],
-            "count_output_tokens": sum(len(tokens) for _, tokens, _ in results),
+            "generated_text": [text for text, _, _, _ in results],
+            "count_output_tokens": sum(len(tokens) for _, tokens, _, _ in results),
             "finish_reason": results[0][2],
             "prompt_tokens": len(prepared.prompt_ids),
         }
         if req.parameters.return_details:
             body["tokens"] = results[0][1]
+            body["prompt_token_logprobs"] = self.prompt_json(prepared.prompt_ids, results[0][3])
         return web.json_response(body)
 
-    async def collect(self, state: RequestState) -> tuple[str, list[dict], str]:
-        text, tokens, reason = [], [], None
+    async def collect(self, state: RequestState) -> tuple[str, list[dict], str, tuple | None]:
+        text, tokens, reason, prompt = [], [], None, None
         async with aclosing(self.manager.stream(state)) as outputs:  # closing aborts an unfinished request
             async for out in outputs:
                 text.append(out.text)
                 tokens.append(self.token_json(out))
                 reason = out.finish_reason
-        return "".join(text), tokens, reason
+                prompt = prompt or out.prompt_logprobs
+        return "".join(text), tokens, reason, prompt
+
+    def prompt_json(self, prompt_ids: list[int], logprobs: tuple | None) -> list[dict]:
+        """Each prompt token: {"id", "text", "logprob"} (the first one's logprob null; image rows' ids and
+        logprobs null)."""
+        tokenizer = self.manager.processor.tokenizer
+        vocab = len(tokenizer)
+        out = []
+        for i, token_id in enumerate(prompt_ids):
+            lp = logprobs[i] if logprobs and i < len(logprobs) else None
+            is_text = token_id < vocab
+            out.append({"id": token_id, "text": tokenizer.decode([token_id], skip_special_tokens=False)
+                        if is_text else None, "logprob": lp.logprob if lp else None})
+        return out
 
     def token_json(self, out) -> dict:
         return {"id": out.token_id, "text": out.text, "logprob": out.logprob.logprob if out.logprob else None,
@@ -171,7 +203,7 @@ class NativeAPI:
         req, prepared, params = await self.prepare(request)
         if max(req.parameters.n, req.parameters.best_of) > 1:
             raise ClientError("n and best_of > 1 are for /generate only, not for streaming")
-        state = await self.manager.submit(prepared, params)
+        state = await self.manager.submit(prepared, replace(params, prompt_logprobs=None))  # no event carries them
         async with aclosing(self.manager.stream(state)) as outputs:  # closing aborts an unfinished request
             out = await anext(outputs)  # errors before the first token still get a proper status
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})

@@ -57,6 +57,13 @@ class RouterManager:
         self.num_steps = 0
         self.num_failed_steps = 0
         self.queue_time = Histogram("queue_time_seconds", LATENCY_BUCKETS)  # arrival -> first scheduled
+        # first scheduled -> first token, and first token -> finished (vLLM's prefill and decode times)
+        self.prefill_time = Histogram("request_prefill_time_seconds", LATENCY_BUCKETS)
+        self.decode_time = Histogram("request_decode_time_seconds", LATENCY_BUCKETS)
+        self.timings: dict[int, list[float]] = {}  # req id -> [first scheduled, first token] (monotonic)
+        self.num_done_preemptions = 0  # preemptions of requests that have ended (live ones count in their Req)
+        # prompt logprobs by position, until the request's first token carries them to the client
+        self.prompt_logprobs: dict[int, dict[int, object]] = {}
 
     def loop(self) -> None:
         in_flight = None  # the step the workers run now, and how to wait for its output
@@ -91,6 +98,8 @@ class RouterManager:
             self.release_images(req)
             return
         params = message.sampling
+        if params.prompt_logprobs is not None:
+            self.prompt_logprobs[req.req_id] = {}
         self.to_detokenization.send(DetokReq(req.req_id, params.skip_special_tokens,
                                              tuple(params.stop_sequences), params.min_new_tokens))
 
@@ -98,11 +107,20 @@ class RouterManager:
         """End a request from outside the step (aborted, stopped, failed): free its KV slots and images."""
         self.scheduler.finish(req, status)
         self.release_images(req)
+        self.forget(req)
         if error is not None:
             logger.error("request %d failed in the model step: %s", req.req_id, error)
             self.to_http.send(ReqError(req.req_id, 500, f"the model worker failed on this request: {error}"))
         if tell_detokenization:
             self.to_detokenization.send(TokenOut(req.req_id, None, finish_reason="abort"))
+
+    def forget(self, req: Req) -> None:
+        """A request ended: its timings go into the histograms, its bookkeeping away."""
+        self.num_done_preemptions += req.num_preemptions
+        self.prompt_logprobs.pop(req.req_id, None)
+        timing = self.timings.pop(req.req_id, None)
+        if timing is not None and len(timing) == 2:
+            self.decode_time.observe(time.monotonic() - timing[1])
 
     def release_images(self, req: Req) -> None:
         """One release per distinct image: the visualserver took one reference per key."""
@@ -116,6 +134,7 @@ class RouterManager:
         for req in batch.new_reqs:
             if req.num_preemptions == 0:
                 self.queue_time.observe(now - req.arrival_time)
+                self.timings[req.req_id] = [now]
         return batch, self.workers.launch(batch.to_step_input())
 
     def finish_step(self, batch: Batch, wait: Callable[[], StepOutput]) -> None:
@@ -134,26 +153,49 @@ class RouterManager:
                 self.retire(req, ReqStatus.FINISHED_ABORTED, tell_detokenization=True, error=error)
         sampled = dict(zip(out.req_ids, out.token_ids))
         logprobs = dict(zip(out.req_ids, out.logprobs)) if out.logprobs else {}
+        for req_id, first, values in out.prompt_logprobs:
+            if (known := self.prompt_logprobs.get(req_id)) is not None:
+                known.update(enumerate(values, start=first))
         finished = {req.req_id: req for req in self.scheduler.update(batch, sampled)}
+        for req_id in out.finished:  # the output grammar is complete: the token just sampled was the last
+            if req := self.scheduler.reqs.get(req_id):
+                self.scheduler.finish(req, ReqStatus.FINISHED_STOPPED)
+                finished[req_id] = req
         outputs = []
         for req_id, token in sampled.items():
             req = finished.get(req_id) or self.scheduler.reqs.get(req_id)
             if req is None:  # ended before this token (failed, aborted, or stopped by an earlier one)
                 continue
-            outputs.append(TokenOut(req_id, token, logprobs.get(req_id), req.status.finish_reason))
+            outputs.append(TokenOut(req_id, token, logprobs.get(req_id), req.status.finish_reason,
+                                    self.first_token(req)))
         for req in finished.values():
             self.release_images(req)
+            self.forget(req)
         if outputs:
             self.to_detokenization.send(outputs)
 
+    def first_token(self, req: Req) -> tuple | None:
+        """On a request's first token: note the time, and hand over its prompt logprobs (if it asked)."""
+        timing = self.timings.get(req.req_id)
+        if timing is not None and len(timing) == 1:
+            timing.append(time.monotonic())
+            self.prefill_time.observe(timing[1] - timing[0])
+        known = self.prompt_logprobs.pop(req.req_id, None)
+        if known is None:
+            return None
+        return tuple(known.get(i) for i in range(req.num_prompt_tokens))
+
     def send_stats(self) -> None:
         allocator = self.scheduler.allocator
+        live_preemptions = sum(req.num_preemptions for req in self.scheduler.reqs.values())
         values = (("running_requests", len(self.scheduler.running)), ("waiting_requests", len(self.scheduler.waiting)),
                   ("kv_slots_used", allocator.num_used), ("kv_slots_free", allocator.num_free),
                   ("kv_slots_total", allocator.num_slots), ("steps_total", self.num_steps),
-                  ("failed_steps_total", self.num_failed_steps))
+                  ("failed_steps_total", self.num_failed_steps),
+                  ("preemptions_total", self.num_done_preemptions + live_preemptions))
         if self.stats_timer.due(values):  # at most ten times a second
-            self.to_http.send(RoomStats("router", values, (self.queue_time.snapshot(),)))
+            histograms = (self.queue_time.snapshot(), self.prefill_time.snapshot(), self.decode_time.snapshot())
+            self.to_http.send(RoomStats("router", values, histograms))
 
 
 def start_router_process(config: ServerConfig, pipe) -> None:
