@@ -57,3 +57,11 @@ def qwen_vl_reference(request, checkpoints_dir) -> Path:
     from qwen_vl_references import reference_checkpoint
 
     return reference_checkpoint(checkpoints_dir, request.param)
+
+
+@pytest.fixture(scope="session")
+def video_fixtures(tmp_path_factory) -> dict[str, Path]:
+    """The test videos (test/video_fixtures.py), made with PyAV from the test photos: name -> path."""
+    from video_fixtures import write_fixtures
+
+    return write_fixtures(tmp_path_factory.mktemp("videos"))
