@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-import hf_reference
 from lightvlm import GenerationConfig, pipeline
 
+import hf_reference
 from helpers import load_image
 from qwen_vl_references import assert_same_greedy, hf_generate
 from video_references import attach
@@ -39,9 +39,9 @@ def cases(video_fixtures):
                                         {"type": "text", "text": "What happens in this video?"}]}]
     hf_one = [{"role": "user", "content": [{"type": "video", "path": pan},
                                            {"type": "text", "text": "What happens in this video?"}]}]
-    mixed = [{"role": "user", "content": [{"type": "text", "text": "Compare"},
-                                          {"type": "video", "path": longer},
-                                          {"type": "text", "text": "with"}, {"type": "image", "image": load_image("coffee.jpg")},
+    mixed = [{"role": "user", "content": [{"type": "text", "text": "Compare"}, {"type": "video", "path": longer},
+                                          {"type": "text", "text": "with"},
+                                          {"type": "image", "image": load_image("coffee.jpg")},
                                           {"type": "text", "text": "in a few words."}]}]
     return [("one video", one, hf_one, {"fps": 3}), ("a video and an image", mixed, mixed, {})]
 

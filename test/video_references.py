@@ -17,6 +17,7 @@ which on the CPU hands a uint8 tensor to torch's own interpolate (bicubic; antia
 """
 
 import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F

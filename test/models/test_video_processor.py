@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-import hf_reference
 from lightvlm.common.video import read_video
 from lightvlm.models.checkpoint import LoadedCheckpoint
 from lightvlm.models.frames import frame_pixels
@@ -19,6 +18,7 @@ from lightvlm.models.qwen_vl.model import mrope_positions
 from lightvlm.models.video import VideoRequestError, VideoSampling, torch_arange
 from lightvlm.pipeline import read_video_source
 
+import hf_reference
 from helpers import load_image
 from qwen_vl_references import hf_inputs, hf_model, variant_of
 from video_references import attach, frames_metadata
@@ -182,9 +182,10 @@ def test_internvl_frames_equal_transformers_internvl_video_path(tiny_checkpoint,
     reference = attach(hf_reference.hf_processor(tiny_checkpoint), "internvl",
                        {**ours_internvl_settings(tiny_checkpoint), "do_sample_frames": False})
     path = str(video_fixtures["pan.mp4"])
+    sampled = {"do_sample_frames": True}
     for part, kwargs in (({"type": "video", "path": path}, {}),
-                         ({"type": "video", "path": path, "fps": 2}, {"fps": 2, "do_sample_frames": True}),
-                         ({"type": "video", "path": path, "num_frames": 3}, {"num_frames": 3, "do_sample_frames": True})):
+                         ({"type": "video", "path": path, "fps": 2}, {"fps": 2, **sampled}),
+                         ({"type": "video", "path": path, "num_frames": 3}, {"num_frames": 3, **sampled})):
         conversation = video_conversation(part, image=load_image("rocket.jpg"))
         prompt, pixels = encode(ours, conversation)
         expected = reference.apply_chat_template([{**m, "content": [hf_part(p) for p in m["content"]]}
