@@ -44,7 +44,8 @@ def test_router_uses_only_the_pure_engine_parts():
 
 
 def test_httpserver_uses_only_processors_and_checkpoint_facts_of_the_model_side():
-    light = ("lightvlm.models.processor", "lightvlm.models.checkpoint", "lightvlm.models.registry")
+    light = ("lightvlm.models.processor", "lightvlm.models.checkpoint", "lightvlm.models.registry",
+             "lightvlm.models.video")
 
     def allowed(name):
         if name.startswith(("lightvlm.server.router", "lightvlm.workers", "lightvlm.visualserver",

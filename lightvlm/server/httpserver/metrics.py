@@ -42,6 +42,8 @@ class Metrics:
                              buckets=LATENCY_BUCKETS, registry=r)
         self.images_rejected = Counter("lightvlm_images_rejected", "Images refused at the edge, by reason",
                                        ["reason"], registry=r)
+        self.videos_rejected = Counter("lightvlm_videos_rejected", "Videos refused at the edge, by reason",
+                                       ["reason"], registry=r)
         self.num_output_tokens: dict[int, int] = {}
 
     def watch_rooms(self, source) -> None:

@@ -1,7 +1,8 @@
 """The OpenAI-compatible API: /v1/models, /v1/chat/completions, /v1/completions.
 
-Images in chat messages (`image_url` parts with http(s) or data: URLs) are placed where they appear,
-through the checkpoint's own chat template. Unknown fields are ignored (clients send extras);
+Images and videos in chat messages (`image_url` and `video_url` parts with http(s) or data: URLs; a
+video's `fps` or `num_frames` choose its frames) are placed where they appear, through the
+checkpoint's own chat template. Unknown fields are ignored (clients send extras);
 known fields with wrong values are a 400 in OpenAI's error format. `usage.prompt_tokens` counts
 the ids the model saw, image tokens included. Without max_tokens, generation may run to the context
 limit.
@@ -18,7 +19,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from lightvlm.io_struct import TextOut, TokenLogprob
-from lightvlm.models.processor import PromptError, split_messages
+from lightvlm.models.processor import PromptError, split_media
 from lightvlm.sampling_params import MAX_CHOICES, MAX_INT32, SamplingParams
 from lightvlm.server.httpserver.http_utils import parse, read_json
 from lightvlm.server.httpserver.manager import ClientError, HttpServerManager, Prepared, gather_or_cancel
@@ -129,15 +130,19 @@ class OpenAIAPI:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         req: ChatRequest = parse(ChatRequest, await read_json(request))
         try:
-            messages, sources = split_messages(req.messages)
+            messages, sources, video_sources = split_media(req.messages)
         except PromptError as e:
             raise ClientError(str(e)) from None
         if any(not isinstance(s, str) for s in sources):
             raise ClientError("each image_url part needs a 'url' string (http(s) or a data: URL)")
+        if any(not isinstance(v.source, str) for v in video_sources):
+            raise ClientError("each video part needs a 'url' string (http(s) or a data: URL)")
         kwargs = req.mm_processor_kwargs or ProcessorKwargs()
         bounds = self.manager.pixel_bounds(kwargs.min_pixels, kwargs.max_pixels)
-        images = await self.manager.load_images([("url", s) for s in sources])
-        prepared = await self.manager.prepare_chat(messages, images, [bounds] * len(images))
+        images, videos = await gather_or_cancel([self.manager.load_images([("url", s) for s in sources]),
+                                                 self.manager.load_videos([("url", v.source, v.sampling)
+                                                                           for v in video_sources])])
+        prepared = await self.manager.prepare_chat(messages, images, [bounds] * len(images), videos)
         if req.top_logprobs is not None and not req.logprobs:
             raise ClientError("top_logprobs needs logprobs: true")
         params = self.manager.stop_tokens_by_name(
