@@ -1,7 +1,8 @@
 """`make bench`: every workload on lightvlm and on the baselines in one run, then docs/performance.md.
 
 1. Build the `small` demo checkpoint if needed (the same cache folder the server uses).
-2. Start the server on it, run W1-W5 and a concurrency sweep, stop it. W2 alternates: each request
+2. Start the server on it, run W1-W6 (W6: video clips, benchmark/video.py) and a concurrency sweep,
+   stop it. W2 alternates: each request
    through the server, then the same one through transformers (one at a time), so that both sides
    see the same state of a shared machine.
 3. Run transformers (static batches 8/16/32/64) and the engine ceiling (the model runner's loop
@@ -24,7 +25,7 @@ from pathlib import Path
 import requests
 import torch
 
-from benchmark import engine_ceiling, hf_baseline, structured_cost
+from benchmark import engine_ceiling, hf_baseline, structured_cost, video
 from benchmark.serve import Result, run, summarize
 from benchmark.workloads import build
 from lightvlm.models.demo import demo_checkpoint
@@ -120,6 +121,8 @@ def server_workloads(url: str, model_dir: str, log) -> dict:
     log("W5 multi-turn: 32 conversations with two earlier turns that reuse images, concurrency 8")
     r["W5"], _ = bench(url, build(32, multi_turn=True, repeat_share=0.5, pool_size=8, output_tokens=64, seed=6),
                        concurrency=8)
+    log("W6 video: 12 new 2-second clips (4 frames sampled each) at concurrency 4, then one clip twice alone")
+    r["W6"] = video.workload(url, num_requests=12, concurrency=4)
     r["sweep"] = {64: r["W1"]}  # W1 is the sweep's last point
     for concurrency in (1, 4, 16):
         log(f"sweep: concurrency {concurrency} (W1's requests)")

@@ -78,6 +78,10 @@ class HttpConfig:
     max_image_bytes: int = 32 * MiB
     max_image_pixels: int = 40_000_000
     tool_call_parser: str | None = None  # how tool calls read in the model's output (httpserver/tool_parsers.py)
+    max_video_bytes: int = 256 * MiB  # a fetched video file (a base64 one is bounded by max_body_size as well)
+    max_video_frames: int = 18_000  # frames one video holds (10 minutes at 30 fps)
+    max_video_seconds: float = 600.0
+    video_max_pixels: int = 1920 * 1088  # width x height of a frame
 
 
 @dataclass(frozen=True)
@@ -179,6 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tool_call_parser", default=None, choices=TOOL_CALL_PARSERS,
                    help="the model's tool-call format, for `tools` in chat requests: hermes (Qwen2/2.5/3, Hermes) "
                         "or internlm (InternLM2); without it, a request with tools is a 400")
+    g.add_argument("--max_video_bytes", type=int, default=256 * MiB, help="largest video file in bytes")
+    g.add_argument("--max_video_frames", type=int, default=18_000,
+                   help="most frames one video may hold (from its container before decoding, else counted)")
+    g.add_argument("--max_video_seconds", type=float, default=600.0,
+                   help="longest video in seconds (from its container before decoding, else from its frames)")
+    g.add_argument("--video_max_pixels", type=int, default=1920 * 1088,
+                   help="largest video frame in pixels (width x height), checked before decoding where the "
+                        "container says it")
     g = p.add_argument_group("cpu")
     g.add_argument("--llm_threads", type=int, default=None,
                    help="torch threads per model worker, always (default: the cores are shared at each step "
@@ -208,7 +220,9 @@ def parse_config(argv: list[str] | None, model_dir: str, device: str, num_device
     check_positive(args, "tp", "max_total_token_num", "max_req_total_len", "batch_max_tokens", "running_max_req_size",
                    "visual_infer_batch_size", "cache_capacity", "cache_max_mb", "visual_dp", "visual_tp",
                    "llm_threads", "visual_threads", "max_body_size", "max_image_bytes", "max_image_pixels",
-                   "min_pixels", "max_pixels")
+                   "min_pixels", "max_pixels", "max_video_bytes", "max_video_frames", "video_max_pixels")
+    if args.max_video_seconds <= 0:
+        fail(f"--max_video_seconds must be > 0, got {args.max_video_seconds}")
     if args.min_pixels is not None and args.max_pixels is not None and args.min_pixels > args.max_pixels:
         fail(f"--min_pixels {args.min_pixels} is above --max_pixels {args.max_pixels}")
     if not 0 < args.mem_fraction <= 1:
@@ -237,7 +251,9 @@ def parse_config(argv: list[str] | None, model_dir: str, device: str, num_device
         http=HttpConfig(host=args.host, port=args.port, max_body_size=args.max_body_size, api_key=args.api_key,
                         allow_origins=tuple(args.allow_origins), image_fetch_timeout=args.image_fetch_timeout,
                         max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
-                        tool_call_parser=args.tool_call_parser),
+                        tool_call_parser=args.tool_call_parser,
+                        max_video_bytes=args.max_video_bytes, max_video_frames=args.max_video_frames,
+                        max_video_seconds=args.max_video_seconds, video_max_pixels=args.video_max_pixels),
         cpu=CpuConfig(llm_threads=args.llm_threads, visual_threads=args.visual_threads, cores=os.cpu_count() or 1),
         log_level=args.log_level,
     )

@@ -11,16 +11,20 @@ from lightvlm.sampling_params import SamplingParams
 
 @dataclass(frozen=True)
 class ImageItem:
-    """One image of a request: the one descriptor every room uses. The processor places it (offset,
-    num_rows, grid), the httpserver (or the pipeline) names it (key) and, on its way to the
-    visualserver only, says where its bytes wait in shared memory."""
+    """One image of a request, or one part of a video (models/video.py): the one descriptor every room
+    uses. The processor places it (offset, num_rows, grid), the httpserver (or the pipeline) names it
+    (key) and, on its way to the visualserver only, says where its bytes (or frames) wait in shared
+    memory."""
 
-    key: str  # common.identity.image_key: bytes + preprocessing settings + grid
+    key: str  # common.identity.image_key / video_part_key: bytes (+ frames) + preprocessing settings + grid
     offset: int  # first embedding row in the prompt ids
     num_rows: int  # embedding rows
     grid: tuple[int, ...]  # the family's layout of the image (InternVL: tile columns, rows; Qwen-VL: t, h, w)
-    shm_name: str = ""  # segment holding the image file's bytes (the visualserver unlinks it)
+    shm_name: str = ""  # segment holding the image file's bytes, or a video part's frames (common.shm)
     num_bytes: int = 0
+    # A video part only (written by the processor): seconds between its temporal patches, which Qwen2.5-VL's
+    # M-RoPE spaces by time. Everything else a video needs is in the grid and the segment.
+    seconds_per_step: float | None = None
 
 
 # ---- router -> model workers (one StepInput per iteration, the same to every rank) ---------------

@@ -6,9 +6,11 @@
     rs = pipe([conversation, "text only"])
 
 Prompts: a string; a (text, image) or (text, [images]) tuple (images go before the text); or a
-conversation of OpenAI-style messages whose parts are text, image_url (http(s) or data: URL) or
-{"type": "image", "image": PIL.Image}. Every prompt goes through the checkpoint's chat template with
-the generation prompt added. A list of prompts is a batch.
+conversation of OpenAI-style messages whose parts are text, image_url (http(s) or data: URL),
+{"type": "image", "image": PIL.Image}, video_url ({"url", "fps", "num_frames"}) or {"type": "video",
+"video": [PIL frames], "fps": 2} (frames already sampled, at `fps` if given; without it they are
+taken as transformers takes frames without metadata). Every prompt goes through the checkpoint's chat
+template with the generation prompt added. A list of prompts is a batch.
 
 The loop is the server's loop without the processes: schedule, run the model, sample, update.
 `add_request` and `step` are public so that requests can join while others are decoding.
@@ -24,12 +26,14 @@ import urllib.request
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
 from lightvlm.common import shm
 from lightvlm.common.grammar import GrammarCompiler
-from lightvlm.common.identity import content_digest, image_key
+from lightvlm.common.identity import content_digest, image_key, video_part_key
+from lightvlm.common.video import read_video as decode_video
 from lightvlm.config import CpuConfig, ModelConfig, RouterConfig, ServerConfig, load_workers
 from lightvlm.engine.detokenizer import Detokenizer
 from lightvlm.engine.model_runner import ModelRunner, RunnerConfig
@@ -38,7 +42,9 @@ from lightvlm.engine.scheduler import Scheduler, SchedulerConfig
 from lightvlm.engine.visual_encoder import VisualEncoder
 from lightvlm.io_struct import TokenLogprob
 from lightvlm.models.checkpoint import LoadedCheckpoint
-from lightvlm.models.processor import decode_image, generation_defaults, split_messages
+from lightvlm.models.frames import frame_pixels
+from lightvlm.models.processor import decode_image, generation_defaults, split_media, to_rgb
+from lightvlm.models.video import VideoMeta, VideoSampling, VideoSource
 from lightvlm.models.weight_loader import resolve_dtype
 from lightvlm.sampling_params import SamplingParams
 from lightvlm.workers.group import ModelWorkers
@@ -88,18 +94,44 @@ def read_image(source) -> tuple[Image.Image, str]:
         digest = hashlib.md5(f"{source.mode}:{source.size}:".encode())
         digest.update(source.tobytes())
         return source, "pixels:" + digest.hexdigest()
-    if isinstance(source, (str, Path)) and str(source).startswith("data:"):
-        data = base64.b64decode(str(source).split(",", 1)[1])
-    elif isinstance(source, (str, Path)) and str(source).startswith(("http://", "https://")):
-        with urllib.request.urlopen(str(source), timeout=30) as response:
-            data = response.read()
-    elif isinstance(source, (str, Path)):
-        data = Path(source).read_bytes()
-    elif isinstance(source, bytes):
-        data = source
-    else:
-        raise ValueError(f"cannot read an image from {type(source).__name__}")
+    data = read_bytes(source)
     return decode_image(data), content_digest(data)
+
+
+def read_bytes(source) -> bytes:
+    """The bytes of a data: URL, an http(s) URL, a file path or bytes."""
+    if isinstance(source, (str, Path)) and str(source).startswith("data:"):
+        return base64.b64decode(str(source).split(",", 1)[1])
+    if isinstance(source, (str, Path)) and str(source).startswith(("http://", "https://")):
+        with urllib.request.urlopen(str(source), timeout=30) as response:
+            return response.read()
+    if isinstance(source, (str, Path)):
+        return Path(source).read_bytes()
+    if isinstance(source, bytes):
+        return source
+    raise ValueError(f"cannot read media from {type(source).__name__}")
+
+
+def read_video_source(video: VideoSource, processor) -> tuple[np.ndarray, VideoMeta, str]:
+    """A video part -> (its sampled frames uint8 [n, H, W, 3], how the processor lays them out, the digest
+    of its identity). Frames given as images are taken as they are when `fps` says at what rate they were
+    sampled, else sampled as transformers samples frames without metadata; a video file is decoded."""
+    if video.is_frames:
+        frames = [np.asarray(to_rgb(frame)) for frame in video.source]
+        if not frames or len({f.shape for f in frames}) != 1:
+            raise ValueError("a video's frames must be one or more images of one size")
+        stacked = np.stack(frames)
+        fps = video.sampling.fps
+        indices = tuple(range(len(frames))) if fps is not None else processor.sample_frames(len(frames), None,
+                                                                                          VideoSampling())
+        digest = hashlib.md5(f"frames:{stacked.shape}:".encode())
+        digest.update(stacked.tobytes())
+        meta = VideoMeta(len(frames), fps, stacked.shape[2], stacked.shape[1], indices)
+        return stacked[list(indices)], meta, "pixels:" + digest.hexdigest()
+    data = read_bytes(video.source)
+    decoded = decode_video(data, lambda total, fps: processor.sample_frames(total, fps, video.sampling))
+    meta = VideoMeta(decoded.total_frames, decoded.fps, decoded.width, decoded.height, decoded.indices)
+    return decoded.frames, meta, content_digest(data)
 
 
 def to_messages(prompt) -> list[dict]:
@@ -263,17 +295,32 @@ class Pipeline:
             self.grammar.check(params.constraint.kind, params.constraint.value)
         prepared, todo = [], {}
         for prompt in prompts:
-            messages, sources = split_messages(to_messages(prompt))
-            if sources and self.visual is None:
+            messages, sources, video_sources = split_media(to_messages(prompt))
+            if (sources or video_sources) and self.visual is None:
                 raise ValueError("this model takes no images (a text-only language model)")
+            if video_sources and self.processor.video_refusal:
+                raise ValueError(self.processor.video_refusal)
             images = [read_image(s) for s in sources]
-            encoded = self.processor.encode_chat(messages, [self.processor.image_grid(*im.size) for im, _ in images])
+            videos = [read_video_source(v, self.processor) for v in video_sources]
+            encoded = self.processor.encode_chat(messages, [self.processor.image_grid(*im.size) for im, _ in images],
+                                                 videos=[meta for _, meta, _ in videos])
             if len(encoded.input_ids) >= self.session_len:
                 raise ValueError(f"the prompt has {len(encoded.input_ids)} tokens; session_len is {self.session_len}")
-            items = [replace(item, key=image_key(digest, self.processor.settings, item.grid))
-                     for item, (_, digest) in zip(encoded.images, images)]
-            todo.update((item.key, (image, item.grid)) for item, (image, _) in zip(items, images)
-                        if item.key not in self.images)
+            items = []
+            for item, origin in zip(encoded.images, encoded.origins):
+                if origin.kind == "image":
+                    image, digest = images[origin.index]
+                    item = replace(item, key=image_key(digest, self.processor.settings, item.grid))
+                    source = image
+                else:
+                    frames, meta, digest = videos[origin.index]
+                    indices = tuple(meta.frame_indices[i] for i in origin.part.frames)
+                    item = replace(item, key=video_part_key(digest, indices, meta.fps, self.processor.video_settings,
+                                                            item.grid))
+                    source = frames[list(origin.part.frames)]
+                items.append(item)
+                if item.key not in self.images:
+                    todo[item.key] = (source, item.grid)
             prepared.append((encoded.input_ids, tuple(items)))
         self._encode_images(todo)
         req_ids = []
@@ -290,12 +337,13 @@ class Pipeline:
             req_ids.append(req.req_id)
         return req_ids
 
-    def _encode_images(self, todo: dict[str, tuple[Image.Image, tuple]]) -> None:
-        """Encode every image not in the store yet (key -> (image, grid)) as one batch."""
+    def _encode_images(self, todo: dict[str, tuple[Image.Image | np.ndarray, tuple]]) -> None:
+        """Encode every image and video part not in the store yet (key -> (image or frames, grid)) as one batch."""
         if not todo:
             return
         grids = [grid for _, grid in todo.values()]
-        pixels = [self.processor.preprocess(image, grid) for image, grid in todo.values()]
+        pixels = [frame_pixels(self.processor, source, grid) if isinstance(source, np.ndarray)
+                  else self.processor.preprocess(source, grid) for source, grid in todo.values()]
         for key, embeds in zip(todo, self.visual.encode(pixels, grids)):
             self.images[key] = embeds
 

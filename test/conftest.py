@@ -81,3 +81,11 @@ def references(tmp_path_factory):
     from references import ReferenceLibrary
 
     return ReferenceLibrary(tmp_path_factory.mktemp("references"))
+
+
+@pytest.fixture(scope="session")
+def video_fixtures(tmp_path_factory) -> dict[str, Path]:
+    """The test videos (test/video_fixtures.py), made with PyAV from the test photos: name -> path."""
+    from video_fixtures import write_fixtures
+
+    return write_fixtures(tmp_path_factory.mktemp("videos"))

@@ -7,7 +7,9 @@ from the demo checkpoints' and from each other (heads, GQA ratio, head_dim, laye
 windows, DeepStack layers, tied or untied head).
 
 transformers' Qwen processors ask for a video processor, which needs torchvision; the subclasses
-below take none, which is all the image path needs.
+below take none, and `hf_processor` puts test/video_references.py's stand-in in its place. The video
+processor settings each reference checkpoint gets (VIDEO_SETTINGS, in processor_config.json as
+transformers 5 nests them) differ from its image settings, so that mixing them up shows.
 """
 
 import json
@@ -30,6 +32,7 @@ from lightvlm.models.qwen_vl.demo import (
 )
 
 import hf_reference
+from video_references import attach
 
 VARIANTS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
@@ -58,6 +61,28 @@ REFERENCES: dict[str, QwenSpec] = {
                          min_pixels=32 * 32 * 4, max_pixels=32 * 32 * 40, num_position_embeddings=25,
                          deepstack_visual_indexes=(0, 2)),
 }
+
+
+CLIP_NORM = {"image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
+# Each model's video processor config: other bounds and normalization than its images, Qwen3-VL sampling
+# 2 fps by default (at least 4 frames), Qwen2.5-VL's frames capped the qwen-vl-utils way.
+VIDEO_SETTINGS = {
+    "qwen2_vl": {"video_processor_type": "Qwen2VLVideoProcessor", "size": {"shortest_edge": 28 * 28 * 2,
+                 "longest_edge": 28 * 28 * 12}, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+                 "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_sample_frames": False,
+                 "min_frames": 2, "max_frames": 16, "resample": 3},
+    "qwen2_5_vl": {"video_processor_type": "Qwen2VLVideoProcessor", "min_pixels": 28 * 28 * 4,
+                   "max_pixels": 28 * 28 * 20, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+                   **CLIP_NORM, "do_sample_frames": False, "min_frames": 4, "max_frames": 16,
+                   "cap_pixels_per_frame": True, "max_video_tokens": 40, "resample": 3},
+    "qwen3_vl": {"video_processor_type": "Qwen3VLVideoProcessor", "size": {"shortest_edge": 32 * 32 * 4,
+                 "longest_edge": 32 * 32 * 48}, "patch_size": 16, "temporal_patch_size": 2, "merge_size": 2,
+                 **CLIP_NORM, "do_sample_frames": True, "fps": 2, "min_frames": 4, "max_frames": 12,
+                 "resample": 3},
+}
+VIDEO_STYLES = {"qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2", "qwen3_vl": "qwen3"}
+TOKENS_PER_SECOND = 7  # Qwen2.5-VL's temporal positions per second (the Hub's models have 2): odd, so that the
+# float32 truncation of its positions shows
 
 
 def processor_class(variant: str):
@@ -92,7 +117,10 @@ def randomize(model: torch.nn.Module, std: float, seed: int) -> None:
 def build_reference(variant: str, out: Path, seed: int = 0, spec: QwenSpec | None = None) -> Path:
     spec = spec or REFERENCES[variant]
     tokenizer = build_tokenizer(spec)
-    config = transformers.AutoConfig.for_model(**hf_config(spec, tokenizer))
+    hf = hf_config(spec, tokenizer)
+    if variant == "qwen2_5_vl":
+        hf["vision_config"]["tokens_per_second"] = TOKENS_PER_SECOND
+    config = transformers.AutoConfig.for_model(**hf)
     torch.manual_seed(seed)
     model = getattr(transformers, ARCHITECTURES[variant])(config)
     randomize(model, spec.text.initializer_range, seed)
@@ -101,6 +129,11 @@ def build_reference(variant: str, out: Path, seed: int = 0, spec: QwenSpec | Non
     model.save_pretrained(out)
     processor = processor_class(variant)(image_processor(spec), tokenizer, chat_template=tokenizer.chat_template)
     processor.save_pretrained(out)
+    # transformers cannot build the video processor without torchvision: its config is added as it nests it
+    path = out / "processor_config.json"
+    saved = json.loads(path.read_text())
+    saved["video_processor"] = VIDEO_SETTINGS[variant]
+    path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
     return out
 
 
@@ -117,8 +150,11 @@ def variant_of(model_dir: Path) -> str:
 @lru_cache(maxsize=8)
 def hf_processor(model_dir: Path):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return processor_class(variant_of(model_dir))(Qwen2VLImageProcessorPil.from_pretrained(model_dir), tokenizer,
-                                                  chat_template=tokenizer.chat_template)
+    variant = variant_of(model_dir)
+    processor = processor_class(variant)(Qwen2VLImageProcessorPil.from_pretrained(model_dir), tokenizer,
+                                         chat_template=tokenizer.chat_template)
+    settings = json.loads((Path(model_dir) / "processor_config.json").read_text()).get("video_processor", {})
+    return attach(processor, VIDEO_STYLES[variant], settings)
 
 
 @lru_cache(maxsize=8)
@@ -128,20 +164,20 @@ def hf_model(model_dir: Path):
 
 
 def hf_inputs(model_dir: Path, messages: list[dict], min_pixels: int | None = None,
-              max_pixels: int | None = None) -> dict:
+              max_pixels: int | None = None, **kwargs) -> dict:
+    """transformers' inputs for a conversation; `kwargs` go to the processor (fps, num_frames, video_metadata)."""
     processor = hf_processor(model_dir)
-    kwargs = {}
     if min_pixels or max_pixels:
         size = dict(processor.image_processor.size)
         size.update({k: v for k, v in (("shortest_edge", min_pixels), ("longest_edge", max_pixels)) if v})
         kwargs["size"] = size
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                         return_tensors="pt", **kwargs)
+                                         return_tensors="pt", processor_kwargs=kwargs)
 
 
 @torch.no_grad()
-def hf_generate(model_dir: Path, messages: list[dict], max_new_tokens: int, **bounds) -> tuple[list[int], dict]:
-    inputs = hf_inputs(model_dir, messages, **bounds)
+def hf_generate(model_dir: Path, messages: list[dict], max_new_tokens: int, **kwargs) -> tuple[list[int], dict]:
+    inputs = hf_inputs(model_dir, messages, **kwargs)
     out = hf_model(model_dir).generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return out[0, inputs["input_ids"].shape[1]:].tolist(), inputs
 
@@ -150,7 +186,8 @@ def hf_generate(model_dir: Path, messages: list[dict], max_new_tokens: int, **bo
 def hf_next_logits(model_dir: Path, inputs: dict, generated: list[int]) -> torch.Tensor:
     """transformers' logits after the prompt and `generated`, in one forward (no cache)."""
     extra = torch.tensor([generated], dtype=torch.long)
-    kwargs = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if k in inputs}
+    names = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+    kwargs = {k: inputs[k] for k in names if k in inputs}
     if "mm_token_type_ids" in inputs:
         kwargs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(extra)], dim=1)
     ids = torch.cat([inputs["input_ids"], extra], dim=1)

@@ -44,7 +44,8 @@ def test_router_uses_only_the_pure_engine_parts():
 
 
 def test_httpserver_uses_only_processors_and_checkpoint_facts_of_the_model_side():
-    light = ("lightvlm.models.processor", "lightvlm.models.checkpoint", "lightvlm.models.registry")
+    light = ("lightvlm.models.processor", "lightvlm.models.checkpoint", "lightvlm.models.registry",
+             "lightvlm.models.video")
 
     def allowed(name):
         if name.startswith(("lightvlm.server.router", "lightvlm.workers", "lightvlm.visualserver",
@@ -59,9 +60,10 @@ def test_httpserver_uses_only_processors_and_checkpoint_facts_of_the_model_side(
 
 
 def test_what_the_httpserver_opens_imports_no_torch():
-    light = [ROOT / "models" / n for n in ("processor.py", "checkpoint.py", "registry.py", "text_config.py")]
+    light = [ROOT / "models" / n for n in ("processor.py", "checkpoint.py", "registry.py", "text_config.py",
+                                            "video.py")]
     for path in [*light, *ROOT.glob("models/*/processor.py"), *ROOT.glob("models/*/config.py"),
-                 *ROOT.glob("models/*/weights.py")]:
+                 *ROOT.glob("models/*/weights.py"), *ROOT.glob("models/*/video.py")]:
         heavy = {n for n in imports_of(path) if n.split(".")[0] in ("torch", "safetensors")}
         assert not heavy, f"{path.relative_to(ROOT)} imports {heavy}"
 

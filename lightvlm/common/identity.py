@@ -29,3 +29,14 @@ def placeholder_id(key: str) -> int:
 
 def is_placeholder(token_id: int) -> bool:
     return token_id >= IMAGE_ID_BASE
+
+
+
+def video_part_key(digest: str, frame_indices: tuple[int, ...], fps: float | None, settings: str,
+                   grid: tuple[int, ...]) -> str:
+    """A part of a video (a span of its rows: all its frames, a temporal patch, or one frame): the video's
+    bytes, which of its frames the part is made of (what the sampling chose) and the rate they count in
+    (which places them in time), the frame settings and the grid. The same frames of the same video are
+    the same part whatever sampling asked for them."""
+    frames = ",".join(map(str, frame_indices))
+    return image_key(f"{digest}|video frames {frames} at {fps} fps", settings, grid)

@@ -1,4 +1,4 @@
-"""POSIX shared memory, and the two layouts that cross processes through it: image bytes and image
+"""POSIX shared memory, and the layouts that cross processes through it: image bytes, video frames and
 embedding rows. This file is their one home (names, sizes, readers and writers).
 
 Segments are created by one process and unlinked by their owner (the creator, or the process it hands
@@ -8,8 +8,10 @@ touched it exits, so no segment is left registered with it: both `create` and `a
 unregister from another must balance; they do, because every process unregisters what it registered.)
 The launcher sweeps whatever carries the instance prefix when the server stops.
 
-Embedding rows are stored raw behind a small header (magic, dtype code, rank, shape), never pickled;
-bfloat16 travels as its uint16 bits.
+Embedding rows and video frames are stored raw behind a small header (magic, dtype code, rank, shape),
+never pickled; bfloat16 travels as its uint16 bits. A media segment (what the httpserver hands the
+visualserver for one ImageItem) holds an image file's bytes or, behind the frames magic, a video part's
+decoded frames; no image format starts with that magic, and images are checked before they get here.
 """
 
 import struct
@@ -22,6 +24,7 @@ import torch
 SHM_DIR = Path("/dev/shm")  # where Linux keeps POSIX shared memory
 HEADER = struct.Struct("<4sBB6q")  # magic, dtype, ndim, up to 6 dims
 MAGIC = b"LVLM"
+FRAMES_MAGIC = b"LVLF"
 DTYPES = {0: np.float32, 1: np.float16, 2: np.uint16, 3: np.uint8}  # uint16 carries bfloat16 bits
 DTYPE_CODES = {np.dtype(v): k for k, v in DTYPES.items()}
 
@@ -75,6 +78,43 @@ def write_bytes(name: str, data: bytes) -> None:
 def read_bytes(name: str, size: int) -> bytes:
     segment = attach(name)
     try:
+        return bytes(segment.buf[:size])
+    finally:
+        segment.close()
+
+
+# ---- video frames: a video part's sampled frames, uint8 [n, H, W, 3] RGB, in a media segment ----------
+
+def frames_nbytes(num_frames: int, height: int, width: int) -> int:
+    """The size of a segment holding `num_frames` RGB frames of height x width."""
+    return HEADER.size + num_frames * height * width * 3
+
+
+def write_media(name: str, data: bytes | np.ndarray) -> int:
+    """A segment holding an image file's bytes, or video frames behind the frames header; handed to
+    another process (which unlinks it). Returns its size in bytes."""
+    if isinstance(data, bytes):
+        write_bytes(name, data)
+        return len(data)
+    frames = np.ascontiguousarray(data, dtype=np.uint8)
+    size = frames_nbytes(*frames.shape[:3])
+    segment = create(name, size)
+    try:
+        HEADER.pack_into(segment.buf, 0, FRAMES_MAGIC, DTYPE_CODES[frames.dtype], frames.ndim,
+                         *frames.shape, *[0] * (6 - frames.ndim))
+        np.ndarray(frames.shape, dtype=np.uint8, buffer=segment.buf, offset=HEADER.size)[...] = frames
+    finally:
+        segment.close()
+    return size
+
+
+def read_media(name: str, size: int) -> bytes | np.ndarray:
+    """What `write_media` stored: the image file's bytes, or a copy of the frames."""
+    segment = attach(name)
+    try:
+        if size >= HEADER.size and bytes(segment.buf[:4]) == FRAMES_MAGIC:
+            _, _, ndim, *dims = HEADER.unpack_from(segment.buf, 0)
+            return np.ndarray(tuple(dims[:ndim]), dtype=np.uint8, buffer=segment.buf, offset=HEADER.size).copy()
         return bytes(segment.buf[:size])
     finally:
         segment.close()

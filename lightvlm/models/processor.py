@@ -5,6 +5,10 @@ into prompt ids in which each image occupies a span of embedding rows. It needs 
 do so, which the httpserver reads from the image header; the pixels are preprocessed separately
 (`preprocess`), where the vision encoder runs.
 
+Videos (models/video.py) go the same way: the httpserver decodes and samples a video's frames, the
+family lays it out as parts (each a span of rows, placed like an image), and the pixels are made from
+the frames where the vision encoder runs.
+
 This module and the families' `processor.py` are the only model code the httpserver imports: no
 torch here.
 """
@@ -23,20 +27,37 @@ from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from PIL import Image
 
+from lightvlm.common.errors import PromptError
 from lightvlm.io_struct import ImageItem
+from lightvlm.models.video import (
+    FrameSettings,
+    VideoLayout,
+    VideoMeta,
+    VideoPart,
+    VideoSampling,
+    VideoSource,
+    video_part,
+)
 
 # Placeholders any family accepts in a raw prompt (the native /generate API); families add their own.
 GENERIC_PLACEHOLDERS = ("<img></img>", "<image>")
+GENERIC_VIDEO_PLACEHOLDER = "<video>"
 
 
-class PromptError(ValueError):
-    """The prompt and the images do not fit together; the message says how."""
+@dataclass(frozen=True)
+class SpanOrigin:
+    """Where a span of image rows comes from: the `index`-th image, or a part of the `index`-th video."""
+
+    kind: str  # "image" | "video"
+    index: int
+    part: VideoPart | None = None
 
 
 @dataclass
 class Prompt:
     input_ids: list[int]
     images: list[ImageItem] = field(default_factory=list)  # placed (offset, num_rows, grid), not yet named
+    origins: list[SpanOrigin] = field(default_factory=list)  # one per item of `images`
 
 
 # Sampling settings a checkpoint's generation_config.json may set; a request that leaves them unset gets
@@ -147,12 +168,14 @@ def load_tokenizer(model_dir: Path):
 class BaseProcessor:
     """What every family's processor shares. A family sets `image_token` (the placeholder its chat
     template writes) and implements `settings`, `image_grid`, `image_span` and `preprocess`; a
-    text-only family leaves them and `image_token` unset."""
+    text-only family leaves them and `image_token` unset. A family that takes videos sets
+    `video_token` (its chat template's video tag) and implements the video methods below."""
 
     image_token: str | None = None
     # transformers' processors add the tokenizer's special tokens to a chat unless the template wrote
     # BOS itself; its tokenizers (text-only models) never add them to a chat
     adds_special_tokens_to_chats: bool = True
+    video_token: str | None = None
 
     @property
     def raw_image_marker(self) -> str:
@@ -174,6 +197,15 @@ class BaseProcessor:
             names = sorted({self.image_token, *GENERIC_PLACEHOLDERS}, key=len, reverse=True)
             self.placeholder_re = re.compile("|".join(re.escape(n) for n in names))  # raw prompts (/generate)
             self.chat_placeholder_re = re.compile(re.escape(self.image_token))  # what the chat template writes
+        # Why this model takes no videos (None: it takes them); a family may set a reason of its own.
+        self.video_refusal: str | None = None
+        if self.video_token is None:
+            self.video_refusal = ("this model takes no videos" + (" (a text-only language model)" if self.image_token
+                                                                  is None else "; send chosen frames as images"))
+        else:
+            names = sorted({self.video_token, GENERIC_VIDEO_PLACEHOLDER}, key=len, reverse=True)
+            self.video_placeholder_re = re.compile("|".join(re.escape(n) for n in names))
+            self.chat_video_re = re.compile(re.escape(self.video_token))
 
     def token_id(self, token: str) -> int:
         """The id of a token the family's prompts need; a clear error if the tokenizer lacks it."""
@@ -196,45 +228,88 @@ class BaseProcessor:
                                          **variables)
 
     def encode(self, text: str, grids: list[tuple[int, ...]], add_special_tokens: bool = True,
-               placeholders: re.Pattern | None = None) -> Prompt:
+               placeholders: re.Pattern | None = None, videos: list[VideoMeta] = ()) -> Prompt:
         """Tokenize `text`, expanding its i-th image placeholder into the span of the image of grid i
-        (`image_grid` of its size). Raises PromptError when the counts differ. By default the family's
-        tag, `<image>` and `<img></img>` all mark images (raw prompts)."""
+        (`image_grid` of its size) and its j-th video placeholder into the layout of video j. Raises
+        PromptError when the counts differ. By default the family's tag, `<image>` and `<img></img>` mark
+        images and the family's video tag and `<video>` videos (raw prompts); `placeholders` (the chat
+        template's image tag) switches to the tags the chat template writes."""
         if self.image_token is None:
-            if grids:
+            if grids or videos:
                 raise PromptError("this model takes no images (a text-only language model)")
             return Prompt(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
-        pieces = (placeholders or self.placeholder_re).split(text)
-        if len(pieces) - 1 != len(grids):
-            raise PromptError(f"the prompt has {len(pieces) - 1} image placeholder(s) but {len(grids)} "
-                              f"image(s) were given; put one placeholder ({self.image_token}, <image> or "
-                              "<img></img>) where each image goes")
-        # One marker token per image, then each marker is swapped for the image's span ids. Added
-        # tokens are split off before BPE runs, so this equals tokenizing the expanded text. The chat
-        # template's tag (`placeholders` given) stays itself; a raw prompt's placeholder gets the wrapping.
-        marked = (self.image_token if placeholders is not None else self.raw_image_marker).join(pieces)
-        ids = self.tokenizer(marked, add_special_tokens=add_special_tokens)["input_ids"]
+        if videos and self.video_refusal:
+            raise PromptError(self.video_refusal)
+        is_chat = placeholders is not None
+        matches, kinds = self._placeholders(text, placeholders or self.placeholder_re, is_chat)
+        for kind, given, tags in (("image", len(grids), f"{self.image_token}, <image> or <img></img>"),
+                                  ("video", len(videos), f"{self.video_token} or {GENERIC_VIDEO_PLACEHOLDER}")):
+            found = kinds.count(kind)
+            if found != given:
+                raise PromptError(f"the prompt has {found} {kind} placeholder(s) but {given} {kind}(s) were given; "
+                                  f"put one placeholder ({tags}) where each {kind} goes")
+        # One marker token per span, then each marker is swapped for the span's ids. Added tokens are
+        # split off before BPE runs, so this equals tokenizing the expanded text. The chat template's
+        # tags stay themselves; a raw prompt's placeholder gets the wrapping.
+        pieces, spans, cursor, counts = [], [], 0, {"image": 0, "video": 0}
+        for match, kind in zip(matches, kinds):
+            pieces.append(text[cursor:match.start()])
+            cursor = match.end()
+            index = counts[kind]
+            counts[kind] += 1
+            if kind == "image":
+                pieces.append(self.image_token if is_chat else self.raw_image_marker)
+                spans.append(SpanOrigin("image", index))
+                continue
+            layout = self.video_layout(videos[index])
+            pieces.append(layout.text if is_chat else self.wrap_raw_video(layout.text))
+            spans += [SpanOrigin("video", index, part) for part in layout.parts]
+        pieces.append(text[cursor:])
+        ids = self.tokenizer("".join(pieces), add_special_tokens=add_special_tokens)["input_ids"]
+        return self._expand(ids, spans, grids)
+
+    def _placeholders(self, text: str, image_re: re.Pattern, is_chat: bool) -> tuple[list, list[str]]:
+        """The media placeholders of `text` in order, and which kind each is."""
+        video_re = None if self.video_refusal else (self.chat_video_re if is_chat else self.video_placeholder_re)
+        if video_re is None:
+            matches = list(image_re.finditer(text))
+            return matches, ["image"] * len(matches)
+        both = re.compile(f"(?P<image>{image_re.pattern})|(?P<video>{video_re.pattern})")
+        matches = list(both.finditer(text))
+        return matches, ["image" if m.group("image") is not None else "video" for m in matches]
+
+    def _expand(self, ids: list[int], spans: list[SpanOrigin], grids: list[tuple[int, ...]]) -> Prompt:
         prompt = Prompt(input_ids=[])
-        grids = iter(grids)
+        spans = iter(spans)
         for token in ids:
             if token != self.image_token_id:
                 prompt.input_ids.append(token)
                 continue
-            grid = next(grids)
-            span_ids, first_row, num_rows = self.image_span(grid)
-            prompt.images.append(ImageItem("", len(prompt.input_ids) + first_row, num_rows, grid))
+            origin = next(spans, None)
+            if origin is None:
+                raise PromptError(f"the prompt holds {self.image_token} where no image goes")
+            if origin.kind == "image":
+                grid, seconds = grids[origin.index], None
+                span_ids, first_row, num_rows = self.image_span(grid)
+            else:
+                grid, seconds = origin.part.grid, origin.part.seconds_per_step
+                span_ids, first_row, num_rows = self.video_span(origin.part)
+            prompt.images.append(ImageItem("", len(prompt.input_ids) + first_row, num_rows, grid,
+                                           seconds_per_step=seconds))
+            prompt.origins.append(origin)
             prompt.input_ids.extend(span_ids)
         return prompt
 
     def encode_chat(self, messages: list[dict], grids: list[tuple[int, ...]],
-                    add_generation_prompt: bool = True, tools: list | None = None, **template_kwargs) -> Prompt:
+                    add_generation_prompt: bool = True, tools: list | None = None, videos: list[VideoMeta] = (),
+                    **template_kwargs) -> Prompt:
         text = self.apply_chat_template(messages, add_generation_prompt, tools, **template_kwargs)
         # As transformers does: a template that writes BOS itself must not get a second one; and only
         # the tag the template writes for an image marks one (a user may write "<image>" as text).
         bos = self.tokenizer.bos_token
         add_special_tokens = self.adds_special_tokens_to_chats and not (bos and text.startswith(bos))
         return self.encode(text, grids, add_special_tokens=add_special_tokens,
-                           placeholders=self.chat_placeholder_re if self.image_token else None)
+                           placeholders=self.chat_placeholder_re if self.image_token else None, videos=videos)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -275,6 +350,40 @@ class BaseProcessor:
         """image -> pixel values for `grid`, exactly as the reference processor makes them."""
         raise NotImplementedError
 
+    # -- videos (family-specific; see models/video.py) --------------------------------------------
+
+    @property
+    def video_settings(self) -> str:
+        """The frame settings, hashed into the key of each part of a video."""
+        raise NotImplementedError
+
+    frame_settings: FrameSettings  # set by a family that takes videos
+
+    def sample_frames(self, total_frames: int, fps: float | None, sampling: VideoSampling) -> tuple[int, ...]:
+        """Which frames of a video of `total_frames` frames at `fps` to take (indices, as transformers'
+        video processor of the family picks them). Raises models.video.VideoRequestError."""
+        raise NotImplementedError
+
+    def video_layout(self, video: VideoMeta) -> VideoLayout:
+        """The text that replaces the video's placeholder, with a marker for each part. Raises PromptError."""
+        raise NotImplementedError
+
+    def wrap_raw_video(self, text: str) -> str:
+        """A raw prompt's video placeholder -> what the chat template would have written around the layout."""
+        return text
+
+    def video_span(self, part: VideoPart) -> tuple[tuple[int, ...], int, int]:
+        """(the part's span ids, index of its first embedding row, number of rows)"""
+        raise NotImplementedError
+
+    def frame_size(self, grid: tuple[int, ...]) -> tuple[int, int]:
+        """(height, width) the frames of a part of this grid are resized to."""
+        raise NotImplementedError
+
+    def patchify_frames(self, frames: np.ndarray, grid: tuple[int, ...]) -> np.ndarray:
+        """A part's resized, normalized frames [k, 3, H, W] float32 -> its pixel values for the vision tower."""
+        raise NotImplementedError
+
 
 class TextProcessor(BaseProcessor):
     """Text-only language models: tokenizer and chat template, no images."""
@@ -301,14 +410,16 @@ def rescale_and_normalize(pixels: np.ndarray, scale: float, mean, std) -> np.nda
     return np.ascontiguousarray(np.moveaxis(x, -1, -3))
 
 
-def split_messages(messages: list[dict]) -> tuple[list[dict], list]:
-    """OpenAI/GPT-4V-style messages -> (messages as chat templates expect them, image sources in order).
+def split_media(messages: list[dict]) -> tuple[list[dict], list, list[VideoSource]]:
+    """OpenAI/GPT-4V-style messages -> (messages as chat templates expect them, image sources in order,
+    video sources in order).
 
-    Content parts: {"type": "text", "text"}, {"type": "image_url", "image_url": {"url"} | str} and
-    {"type": "image", "image" | "url" | "path": ...}. Each image becomes {"type": "image"} where it
-    appeared; its source (a URL, a path or a PIL image) is returned in order.
+    Content parts: {"type": "text", "text"}, {"type": "image_url", "image_url": {"url"} | str},
+    {"type": "image", "image" | "url" | "path": ...}, {"type": "video_url", "video_url": {"url", "fps",
+    "num_frames"} | str} and {"type": "video", "video" | "url" | "path": ..., "fps", "num_frames"}. Each
+    image becomes {"type": "image"} and each video {"type": "video"} where it appeared.
     """
-    templated, sources = [], []
+    templated, sources, videos = [], [], []
     for message in messages:
         if not isinstance(message, dict) or "role" not in message:
             raise PromptError(f"each message needs a 'role' and 'content', got {message!r:.100}")
@@ -330,9 +441,21 @@ def split_messages(messages: list[dict]) -> tuple[list[dict], list]:
             elif kind == "image":
                 sources.append(next((part[k] for k in ("image", "url", "path") if part.get(k) is not None), None))
                 parts.append({"type": "image"})
+            elif kind in ("video_url", "video"):
+                videos.append(video_part(part))
+                parts.append({"type": "video"})
             else:
-                raise PromptError(f"unsupported content part type {kind!r}; use 'text', 'image_url' or 'image'")
+                raise PromptError(f"unsupported content part type {kind!r}; use 'text', 'image_url', 'image', "
+                                  "'video_url' or 'video'")
         templated.append({**message, "content": parts})
+    return templated, sources, videos
+
+
+def split_messages(messages: list[dict]) -> tuple[list[dict], list]:
+    """`split_media` for callers that take images only: a video part is an error."""
+    templated, sources, videos = split_media(messages)
+    if videos:
+        raise PromptError("video parts are not accepted here")
     return templated, sources
 
 

@@ -3,7 +3,9 @@
 `encode(pickled tuple[ImageItem])` decodes each image from its bytes in shared memory (the only
 decode on the image's way through the server), preprocesses it for its grid with the family's
 processor, runs the vision tower and projector over the batch, and (rank 0) writes each image's rows
-into its cache entry. A batch that raises is retried image by image, so one bad image fails alone.
+into its cache entry. A video part arrives as its decoded frames (the httpserver decodes videos) and
+becomes pixels the same way (models/frames.py). A batch that raises is retried image by image, so
+one bad image fails alone.
 """
 
 import hashlib
@@ -23,6 +25,7 @@ from lightvlm.config import ServerConfig
 from lightvlm.engine.visual_encoder import VisualEncoder
 from lightvlm.io_struct import EncodeResult, ImageItem
 from lightvlm.models.checkpoint import LoadedCheckpoint
+from lightvlm.models.frames import frame_pixels
 from lightvlm.models.processor import decode_image
 from lightvlm.models.weight_loader import resolve_dtype
 
@@ -68,7 +71,9 @@ class EncoderService(NoDelayService):
         return pickle.dumps([results.get(item.key, EncodeResult(item.key)) for item in items])
 
     def _load(self, item: ImageItem) -> np.ndarray:
-        data = shm.read_bytes(item.shm_name, item.num_bytes)
+        data = shm.read_media(item.shm_name, item.num_bytes)
+        if isinstance(data, np.ndarray):  # a video part's frames
+            return frame_pixels(self.processor, data, item.grid)
         if self.fault_md5 and hashlib.md5(data).hexdigest() == self.fault_md5:
             self.faulty_keys.add(item.key)
         return self.processor.preprocess(decode_image(data), item.grid)

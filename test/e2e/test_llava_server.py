@@ -67,3 +67,15 @@ def test_native_generate_gives_the_pipelines_tokens(llava_server, next_pipe):
     expected = next_pipe(("Describe this image.", load_image(NAMES[0])), GenerationConfig(max_new_tokens=24))
     assert [t["id"] for t in out["tokens"]] == expected.token_ids
     assert out["prompt_tokens"] == expected.input_token_len
+
+
+def test_videos_are_refused_by_name(llava_server):
+    """LLaVA takes images only: a video is a 400 that says so, before anything is fetched."""
+    body = {"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": "http://127.0.0.1:9/never-fetched.mp4"}},
+        {"type": "text", "text": "What happens?"}]}]}
+    r = llava_server.post("/v1/chat/completions", body)
+    assert r.status_code == 400 and "takes no videos" in r.json()["error"]["message"], r.text
+    r = llava_server.post("/generate", {"inputs": "<video> hi", "multimodal_params": {
+        "videos": [{"type": "url", "data": "http://127.0.0.1:9/never-fetched.mp4"}]}})
+    assert r.status_code == 400 and "takes no videos" in r.text

@@ -9,6 +9,10 @@ its config.json keys (`image_settings`). The original layout's chat templates ta
 image parts are written into the text as the image token, where InternVL's chat() puts `<image>`.
 
 `INTERNVL_IMAGE_LENGTH` (env) sets tokens per tile; it must agree with the vision geometry.
+
+A video is its frames, each one tile resized to the tile size (no tiling, no thumbnail), written
+"Frame1: <img>...</img>\nFrame2: ..." where the chat template's `<video>` was: transformers' InternVL
+video path.
 """
 
 import os
@@ -27,6 +31,19 @@ from lightvlm.models.processor import (
     rescale_and_normalize,
     to_rgb,
 )
+from lightvlm.models.video import (
+    VideoLayout,
+    VideoMeta,
+    VideoPart,
+    VideoRequestError,
+    VideoSampling,
+    check_frame_indices,
+    read_frame_settings,
+    torch_arange,
+    video_processor_settings,
+)
+
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
 def candidate_grids(min_tiles: int, max_tiles: int) -> list[tuple[int, int]]:
@@ -133,6 +150,7 @@ def text_parts(message: dict, image_token: str) -> dict:
 
 class InternVLProcessor(BaseProcessor):
     image_token = "<IMG_CONTEXT>"
+    video_token = "<video>"
 
     def __init__(self, model_dir: str | Path, config: InternVLConfig):
         """Checks the processor's settings against the model's: tile size vs the vision tower's
@@ -154,6 +172,23 @@ class InternVLProcessor(BaseProcessor):
             raise ValueError(f"config.json says image_token_id={config.image_token_id} but the tokenizer's "
                              f"{self.image_token} is {self.image_token_id}")
         self.start_id, self.end_id = self.token_id("<img>"), self.token_id("</img>")
+        self.video_refusal = self._read_video_settings()
+
+    def _read_video_settings(self) -> str | None:
+        """InternVLVideoProcessor's settings; a reason to refuse videos if its frames do not fit the tower."""
+        pre, source = video_processor_settings(self.model_dir)
+        size = pre.get("size") or {}
+        if (size.get("height"), size.get("width")) != (self.tile_size, self.tile_size):
+            return (f"this checkpoint takes no videos: its video processor ({source}) resizes frames to {size} but "
+                    f"the vision tower takes {self.tile_size}x{self.tile_size} tiles")
+        try:
+            self.frame_settings = read_frame_settings(pre, CLIP_MEAN, CLIP_STD)
+        except ValueError as e:
+            return f"this checkpoint takes no videos: {e}"
+        self.do_sample_frames = pre.get("do_sample_frames") is True
+        self.default_fps, self.default_num_frames = pre.get("fps"), pre.get("num_frames")
+        self.initial_shift = pre.get("initial_shift", True)
+        return None
 
     @property
     def settings(self) -> str:
@@ -194,3 +229,43 @@ class InternVLProcessor(BaseProcessor):
         if self.num_tiles(grid) > len(tiles):
             tiles.append(np.asarray(image.resize((s, s), resample=t.resample)))
         return rescale_and_normalize(np.stack(tiles), t.rescale_factor, t.image_mean, t.image_std)
+
+    # -- videos: frames, each one tile -----------------------------------------------------------
+
+    @property
+    def video_settings(self) -> str:
+        return f"internvl frames tile={self.tile_size} tokens={self.tokens_per_tile} {self.frame_settings.describe()}"
+
+    def sample_frames(self, total_frames: int, fps: float | None, sampling: VideoSampling) -> tuple[int, ...]:
+        """InternVLVideoProcessor.sample_frames: `num_frames` evenly spaced, from half a step in."""
+        want_fps, num_frames = sampling.fps, sampling.num_frames
+        if sampling.is_default:
+            if not self.do_sample_frames:
+                return tuple(range(total_frames))
+            want_fps, num_frames = self.default_fps, self.default_num_frames
+        if num_frames is None and want_fps is not None:
+            if fps is None:
+                raise VideoRequestError("sampling by fps needs the video's frame rate, which these frames do not say")
+            num_frames = int(total_frames / fps * want_fps)
+        if not num_frames:
+            raise VideoRequestError(f"the sampling settings select no frame of this video of {total_frames} frames; "
+                                    "ask for num_frames or a higher fps")
+        if num_frames > total_frames:
+            raise VideoRequestError(f"cannot sample {num_frames} frames from a video of {total_frames} frames; ask "
+                                    "for fewer frames or a lower fps")
+        shift = total_frames / num_frames / 2 if self.initial_shift is True else float(self.initial_shift or 0)
+        return check_frame_indices(torch_arange(shift, total_frames, total_frames / num_frames), total_frames)
+
+    def video_layout(self, video: VideoMeta) -> VideoLayout:
+        parts = tuple(VideoPart((1, 1), (i,)) for i in range(video.num_frames))
+        return VideoLayout("\n".join(f"Frame{i + 1}: {self.image_token}" for i in range(video.num_frames)), parts)
+
+    def video_span(self, part: VideoPart) -> tuple[tuple[int, ...], int, int]:
+        return self.image_span(part.grid)
+
+    def frame_size(self, grid: tuple[int, int]) -> tuple[int, int]:
+        return self.tile_size, self.tile_size
+
+    def patchify_frames(self, frames: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+        """The frame is the tile: [1, 3, S, S]."""
+        return np.ascontiguousarray(frames)

@@ -53,6 +53,7 @@ class QwenVisionConfig:
     fullatt_block_indexes: tuple[int, ...] = ()
     num_position_embeddings: int = 0  # Qwen3-VL: learned positions, interpolated to each image's grid
     deepstack_visual_indexes: tuple[int, ...] = ()  # Qwen3-VL: blocks whose features feed the first LM layers
+    tokens_per_second: int | None = None  # Qwen2.5-VL: M-RoPE temporal positions per second of video
 
     @property
     def kind(self) -> Variant:
@@ -90,7 +91,8 @@ def qwen2_5_vision(hf: dict) -> QwenVisionConfig:
     return QwenVisionConfig(**_vision_common("qwen2_5_vl", hf), hidden_size=hf["hidden_size"],
                             out_hidden_size=hf["out_hidden_size"], intermediate_size=hf["intermediate_size"],
                             window_size=hf.get("window_size", 112),
-                            fullatt_block_indexes=tuple(hf.get("fullatt_block_indexes", (7, 15, 23, 31))))
+                            fullatt_block_indexes=tuple(hf.get("fullatt_block_indexes", (7, 15, 23, 31))),
+                            tokens_per_second=hf.get("tokens_per_second", 4))
 
 
 def qwen3_vision(hf: dict) -> QwenVisionConfig:

@@ -5,7 +5,10 @@ M-RoPE places each token at a (temporal, height, width) position (transformers' 
 text tokens count on one by one on all three axes; an image's rows sit on its grid of merged patches
 (t, row, column), offset by the position the image starts at, and the text after it continues from
 that start + max(rows, columns). Past the prompt every output token is one further on all three axes
-(the decode position delta is therefore the prompt's last position + 1 - its length).
+(the decode position delta is therefore the prompt's last position + 1 - its length). A video's
+temporal patches count on one by one on the temporal axis; Qwen2.5-VL spaces them by time instead:
+patch i at int(i * tokens_per_second * seconds_per_step), in float32 as transformers computes it.
+Qwen3-VL writes each temporal patch as a span of its own, so its videos need nothing more.
 """
 
 import torch
@@ -46,7 +49,14 @@ class QwenVLVisual(nn.Module):
         return list(rows.split([len(p) // merge_unit for p, _ in batch]))
 
 
-def mrope_positions(num_tokens: int, images: tuple, merge: int) -> TablePositions:
+def temporal_positions(t: int, seconds_per_step: float | None, tokens_per_second: int | None) -> torch.Tensor:
+    if seconds_per_step is None or tokens_per_second is None:
+        return torch.arange(t)
+    interval = torch.tensor(seconds_per_step, dtype=torch.float32) * tokens_per_second
+    return (torch.arange(t) * interval).long()
+
+
+def mrope_positions(num_tokens: int, images: tuple, merge: int, tokens_per_second: int | None = None) -> TablePositions:
     """The prompt's [3, num_tokens] positions and where output tokens continue (see the module doc)."""
     pieces, position, cursor = [], 0, 0
     for image in sorted(images, key=lambda item: item.offset):
@@ -55,7 +65,8 @@ def mrope_positions(num_tokens: int, images: tuple, merge: int) -> TablePosition
         position += text
         t, h, w = image.grid
         rows, cols = h // merge, w // merge
-        grid = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(rows), torch.arange(cols), indexing="ij"))
+        steps = temporal_positions(t, image.seconds_per_step, tokens_per_second)
+        grid = torch.stack(torch.meshgrid(steps, torch.arange(rows), torch.arange(cols), indexing="ij"))
         pieces.append(grid.reshape(3, -1) + position)
         position += max(rows, cols)
         cursor = image.offset + image.num_rows
@@ -72,9 +83,10 @@ class QwenVLLanguage(CausalLM):
         super().__init__(config.text, tp)
         self.merge = config.vision.spatial_merge_size
         self.num_deepstack = config.num_deepstack
+        self.tokens_per_second = config.vision.tokens_per_second
 
     def plan_positions(self, num_prompt_tokens: int, images: tuple) -> TablePositions:
-        return mrope_positions(num_prompt_tokens, images, self.merge)
+        return mrope_positions(num_prompt_tokens, images, self.merge, self.tokens_per_second)
 
     def embed(self, state) -> torch.Tensor:
         embeds = self.language_model.embed_tokens(state.input_ids)

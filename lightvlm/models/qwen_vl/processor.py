@@ -12,7 +12,6 @@ cache key (which hashes the grid) covers whatever bounds chose it.
 """
 
 import copy
-import math
 import re
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from PIL import Image
 
 from lightvlm.models.processor import (
     GENERIC_PLACEHOLDERS,
+    GENERIC_VIDEO_PLACEHOLDER,
     BaseProcessor,
     PromptError,
     image_processor_settings,
@@ -28,25 +28,17 @@ from lightvlm.models.processor import (
     to_rgb,
 )
 from lightvlm.models.qwen_vl.config import QwenVLConfig
-
-MAX_ASPECT_RATIO = 200  # transformers refuses longer strips
-
-
-def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """(height, width) rounded to multiples of `factor` with the area in [min_pixels, max_pixels], the
-    aspect ratio kept as closely as possible: transformers' smart_resize, step for step."""
-    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
-        raise PromptError(f"an image of {width}x{height} pixels is too long and thin: its aspect ratio must be at "
-                          f"most {MAX_ASPECT_RATIO}")
-    h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar, w_bar = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
+from lightvlm.models.qwen_vl.video import QwenVideoSettings, smart_resize, timestamps
+from lightvlm.models.video import (
+    VideoLayout,
+    VideoMeta,
+    VideoPart,
+    VideoRequestError,
+    VideoSampling,
+    check_frame_indices,
+    padded,
+    video_processor_settings,
+)
 
 
 def pixel_bounds(pre: dict) -> tuple[int, int]:
@@ -59,6 +51,7 @@ def pixel_bounds(pre: dict) -> tuple[int, int]:
 
 class QwenVLProcessor(BaseProcessor):
     image_token = "<|image_pad|>"
+    video_token = "<|video_pad|>"
 
     def __init__(self, model_dir: str | Path, config: QwenVLConfig):
         """Checks the image processor's patch, merge and temporal sizes against the vision tower's."""
@@ -87,6 +80,28 @@ class QwenVLProcessor(BaseProcessor):
         tags = "|".join(re.escape(t) for t in (self.image_token, *GENERIC_PLACEHOLDERS))
         start, end = re.escape(self.start_token), re.escape(self.end_token)
         self.placeholder_re = re.compile(f"(?:{start})?(?:{tags})(?:{end})?")
+        videos = "|".join(re.escape(t) for t in (self.video_token, GENERIC_VIDEO_PLACEHOLDER))
+        self.video_placeholder_re = re.compile(f"(?:{start})?(?:{videos})(?:{end})?")
+        self.variant = config.vision.variant
+        self.video_refusal = self._read_video_settings(config)
+
+    def _read_video_settings(self, config: QwenVLConfig) -> str | None:
+        """The video processor's settings, checked against the vision tower; a reason to refuse videos if
+        they do not fit (images are still served)."""
+        pre, source = video_processor_settings(self.model_dir)
+        try:
+            self.video = QwenVideoSettings.read(self.variant, pre)
+            self.video_pad_id = self.token_id(self.video_token)
+        except ValueError as e:
+            return f"this checkpoint takes no videos: {e}"
+        vision = config.vision
+        ours = (self.video.patch_size, self.video.merge_size, self.video.temporal_patch_size)
+        theirs = (vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size)
+        if ours != theirs:
+            return (f"this checkpoint takes no videos: its video processor ({source}) has patch_size, merge_size, "
+                    f"temporal_patch_size = {ours} but the vision tower has {theirs}")
+        self.frame_settings = self.video.frames
+        return None
 
     @property
     def raw_image_marker(self) -> str:
@@ -156,3 +171,50 @@ class QwenVLProcessor(BaseProcessor):
         x = x.reshape(c, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)  # [gh/m, gw/m, m, m, C, p, p]
         x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], t, p, p))  # the still frame, t times
         return np.ascontiguousarray(x.reshape(gh * gw, c * t * p * p))
+
+    # -- videos --------------------------------------------------------------------------------
+
+    @property
+    def video_settings(self) -> str:
+        return self.video.describe()
+
+    def sample_frames(self, total_frames: int, fps: float | None, sampling: VideoSampling) -> tuple[int, ...]:
+        indices = self.video.sample(total_frames, fps, sampling)
+        return tuple(range(total_frames)) if indices is None else check_frame_indices(indices, total_frames)
+
+    def wrap_raw_video(self, text: str) -> str:
+        return self.start_token + text + self.end_token
+
+    def video_layout(self, video: VideoMeta) -> VideoLayout:
+        """Qwen2-VL, Qwen2.5-VL: one part of t temporal patches (the pads where the template's video tag was).
+        Qwen3-VL: for each temporal patch its time ("<1.5 seconds>") and its own start, pads, end tags."""
+        settings, tps = self.video, self.video.temporal_patch_size
+        height, width = settings.frame_size(video.num_frames, video.height, video.width)
+        gh, gw = height // settings.patch_size, width // settings.patch_size
+        frames = padded(list(range(video.num_frames)), tps)
+        t = len(frames) // tps
+        if settings.style == "qwen2":
+            part = VideoPart((t, gh, gw), frames, seconds_per_step=tps / video.sampled_fps)
+            return VideoLayout(self.image_token, (part,))
+        seconds = timestamps(video.frame_indices, 24.0 if video.fps is None else video.fps, tps)
+        parts = tuple(VideoPart((1, gh, gw), frames[i * tps:(i + 1) * tps]) for i in range(t))
+        text = "".join(f"<{s:.1f} seconds>{self.start_token}{self.image_token}{self.end_token}" for s in seconds)
+        return VideoLayout(text, parts)
+
+    def video_span(self, part: VideoPart) -> tuple[tuple[int, ...], int, int]:
+        num_rows = self.num_rows(part.grid)
+        return (self.video_pad_id,) * num_rows, 0, num_rows
+
+    def frame_size(self, grid: tuple[int, int, int]) -> tuple[int, int]:
+        return grid[1] * self.video.patch_size, grid[2] * self.video.patch_size
+
+    def patchify_frames(self, frames: np.ndarray, grid: tuple[int, int, int]) -> np.ndarray:
+        """[t * temporal, C, H, W] -> patches [t * h * w, C * temporal * patch * patch], each merge x merge
+        block of patches consecutive, the frames of a temporal patch inside each patch (transformers' layout)."""
+        t, gh, gw = grid
+        p, m, tps = self.video.patch_size, self.video.merge_size, self.video.temporal_patch_size
+        c = frames.shape[1]
+        if frames.shape != (t * tps, c, gh * p, gw * p):
+            raise VideoRequestError(f"frames of shape {frames.shape} do not fit the grid {grid}")
+        x = frames.reshape(t, tps, c, gh // m, m, p, gw // m, m, p).transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+        return np.ascontiguousarray(x.reshape(t * gh * gw, c * tps * p * p))

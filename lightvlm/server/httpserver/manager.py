@@ -1,7 +1,7 @@
-"""The httpserver's request states: prepare (images, tokens), submit, and stream back text.
+"""The httpserver's request states: prepare (images, videos, tokens), submit, and stream back text.
 
-Everything CPU-heavy (decoding images, hashing, tokenizing, writing shared memory) runs in a thread
-pool, never on the event loop. A request that ends early for any reason (client gone, error) sends an
+Everything CPU-heavy (decoding images and videos, hashing, tokenizing, writing shared memory) runs in a
+thread pool, never on the event loop. A request that ends early for any reason (client gone, error) sends an
 AbortReq so every room frees what it holds, and unlinks image bytes it wrote but never handed over.
 """
 
@@ -19,15 +19,18 @@ import zmq.asyncio
 from lightvlm.common import shm
 from lightvlm.common.errors import StartupError
 from lightvlm.common.grammar import GrammarCompiler, GrammarError
-from lightvlm.common.identity import image_key
+from lightvlm.common.identity import image_key, video_part_key
 from lightvlm.common.logging import get_logger
+from lightvlm.common.video import VideoError
 from lightvlm.config import ServerConfig
 from lightvlm.io_struct import AbortReq, GenerateReq, ImageItem, ReqError, RoomStats, TextOut
 from lightvlm.models.checkpoint import LoadedCheckpoint
 from lightvlm.models.processor import PromptError, generation_defaults
+from lightvlm.models.video import VideoSampling
 from lightvlm.sampling_params import SamplingParams
 from lightvlm.server.httpserver.media import ImageData, ImageError, MediaLimits, MediaLoader
 from lightvlm.server.httpserver.metrics import Metrics
+from lightvlm.server.httpserver.video import LoadedVideo, VideoLoader
 
 logger = get_logger(__name__)
 
@@ -60,8 +63,8 @@ async def gather_or_cancel(coroutines) -> list:
 @dataclass
 class Prepared:
     prompt_ids: list[int]
-    images: list[ImageItem] = field(default_factory=list)  # placed and named
-    image_data: list[bytes] = field(default_factory=list)  # their files' bytes, written to shm at submission
+    images: list[ImageItem] = field(default_factory=list)  # placed and named (images and video parts)
+    image_data: list = field(default_factory=list)  # each item's file bytes or frames, written to shm at submission
 
 
 @dataclass
@@ -93,6 +96,7 @@ class HttpServerManager:
         http = config.http
         self.media = MediaLoader(MediaLimits(http.image_fetch_timeout, http.max_image_bytes, http.max_image_pixels),
                                  self.executor)
+        self.videos = VideoLoader(self.media, http, self.processor, self.executor)
         self.metrics = Metrics(config.model.model_name)
         self.added_tokens = dict(self.processor.tokenizer.get_added_vocab())
         self.states: dict[int, RequestState] = {}
@@ -147,6 +151,21 @@ class HttpServerManager:
             self.metrics.images_rejected.labels(reason=e.reason).inc()
             raise ClientError(str(e)) from None
 
+    async def load_videos(self, sources: list[tuple[str, str, VideoSampling]]) -> list[LoadedVideo]:
+        """(kind, data, sampling) triples -> decoded, sampled videos, fetched and decoded concurrently."""
+        if sources and not self.config.visual.enabled:
+            raise ClientError("this server was started without --enable_multimodal and accepts no videos")
+        if sources and self.processor.video_refusal:
+            raise ClientError(self.processor.video_refusal)
+        try:
+            return list(await gather_or_cancel(self.videos.load(*source) for source in sources))
+        except (ImageError, VideoError) as e:
+            self.metrics.videos_rejected.labels(reason=e.reason).inc()
+            raise ClientError(str(e)) from None
+        except PromptError as e:  # sampling settings that do not fit the video
+            self.metrics.videos_rejected.labels(reason="bad_sampling").inc()
+            raise ClientError(str(e)) from None
+
     def pixel_bounds(self, min_pixels: int | None = None, max_pixels: int | None = None) -> dict:
         """One image's requested resolution bounds, checked against the server's (400 if not allowed)."""
         try:
@@ -155,31 +174,43 @@ class HttpServerManager:
             raise ClientError(str(e)) from None
 
     async def prepare_text(self, text: str, images: list[ImageData], add_special_tokens: bool = True,
-                           bounds: list[dict] | None = None) -> Prepared:
-        return await self._run(self._prepare, self.processor.encode, text, images, bounds, add_special_tokens)
+                           bounds: list[dict] | None = None, videos: list[LoadedVideo] = ()) -> Prepared:
+        return await self._run(self._prepare, self.processor.encode, text, images, bounds, videos,
+                               add_special_tokens)
 
     async def prepare_chat(self, messages: list[dict], images: list[ImageData], bounds: list[dict] | None = None,
-                           add_generation_prompt: bool = True, tools: list | None = None,
-                           template_kwargs: dict | None = None) -> Prepared:
+                           videos: list[LoadedVideo] = (), add_generation_prompt: bool = True,
+                           tools: list | None = None, template_kwargs: dict | None = None) -> Prepared:
         encode = functools.partial(self.processor.encode_chat, add_generation_prompt=add_generation_prompt,
                                    tools=tools, **(template_kwargs or {}))
-        return await self._run(self._prepare, encode, messages, images, bounds)
+        return await self._run(self._prepare, encode, messages, images, bounds, videos)
 
-    def _prepare(self, encode, first, images: list[ImageData], bounds: list[dict] | None, *args) -> Prepared:
-        """Lay each image out (its grid, within its `bounds` from pixel_bounds), build the prompt ids
-        around the spans, name each image."""
+    def _prepare(self, encode, first, images: list[ImageData], bounds: list[dict] | None,
+                 videos: list[LoadedVideo], *args) -> Prepared:
+        """Lay each image out (its grid, within its `bounds` from pixel_bounds) and each video (its parts),
+        build the prompt ids around the spans, name each image and video part."""
         processor = self.processor
         bounds = bounds or [{}] * len(images)
         try:
             grids = [processor.image_grid(im.width, im.height, **b) for im, b in zip(images, bounds)]
-            prompt = encode(first, grids, *args)
+            prompt = encode(first, grids, *args, videos=[video.meta for video in videos])
         except PromptError as e:
             raise ClientError(str(e)) from None
         except Exception as e:  # jinja errors and the like: the messages do not fit the template
             raise ClientError(f"could not build the prompt: {type(e).__name__}: {e}") from None
-        named = [replace(item, key=image_key(im.digest, processor.settings, item.grid))
-                 for item, im in zip(prompt.images, images)]
-        return Prepared(prompt.input_ids, named, [im.data for im in images])
+        prepared = Prepared(prompt.input_ids)
+        for item, origin in zip(prompt.images, prompt.origins):
+            if origin.kind == "image":
+                image = images[origin.index]
+                prepared.images.append(replace(item, key=image_key(image.digest, processor.settings, item.grid)))
+                prepared.image_data.append(image.data)
+                continue
+            video = videos[origin.index]
+            indices = tuple(video.meta.frame_indices[i] for i in origin.part.frames)
+            key = video_part_key(video.digest, indices, video.meta.fps, processor.video_settings, item.grid)
+            prepared.images.append(replace(item, key=key))
+            prepared.image_data.append(video.part_frames(origin.part.frames))
+        return prepared
 
     def prepare_ids(self, ids: list[int]) -> Prepared:
         """A prompt given as token ids (text only): every id must be in the vocabulary."""
@@ -232,8 +263,8 @@ class HttpServerManager:
             for i, (item, data) in enumerate(zip(prepared.images, prepared.image_data)):
                 name = shm.bytes_segment(self.config.runtime.shm_prefix, state.req_id, i)
                 state.shm_names.append(name)
-                await self._run(shm.write_bytes, name, data)
-                items.append(replace(item, shm_name=name, num_bytes=len(data)))
+                num_bytes = await self._run(shm.write_media, name, data)
+                items.append(replace(item, shm_name=name, num_bytes=num_bytes))
             await self.outbox.send_pyobj(GenerateReq(state.req_id, tuple(prepared.prompt_ids), params, tuple(items)))
         except BaseException:  # cancelled (client gone) before the hand-over: nothing left behind
             self.states.pop(state.req_id, None)

@@ -61,24 +61,26 @@ class MediaLoader:
             raise ImageError(f"image type must be 'url' or 'base64', got {kind!r}", "bad_type")
         return await self._run(inspect_image, raw, self.limits.max_pixels)
 
-    async def fetch(self, url: str) -> bytes:
+    async def fetch(self, url: str, max_bytes: int | None = None, what: str = "image") -> bytes:
+        """The body of an http(s) URL, at most `max_bytes` (default: the image limit); `what` names it in errors.
+        Videos are fetched here too, so that one policy governs every URL a request names."""
         if not url.startswith(("http://", "https://")):
-            raise ImageError(f"image URLs must be http(s) or data: URLs, got {url[:80]!r}", "bad_url")
+            raise ImageError(f"{what} URLs must be http(s) or data: URLs, got {url[:80]!r}", "bad_url")
         if self.session is None:
             self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.limits.fetch_timeout))
-        cap = self.limits.max_bytes
+        cap = self.limits.max_bytes if max_bytes is None else max_bytes
         try:
             async with self.session.get(url) as response:
                 if response.status != 200:
                     raise ImageError(f"fetching {url} gave HTTP {response.status}", "fetch_failed")
                 if response.content_length is not None and response.content_length > cap:
-                    raise ImageError(f"image at {url} is {response.content_length} bytes; the limit is {cap}",
+                    raise ImageError(f"{what} at {url} is {response.content_length} bytes; the limit is {cap}",
                                      "too_large")
                 body = bytearray()
                 async for chunk in response.content.iter_chunked(1 << 16):
                     body += chunk
                     if len(body) > cap:
-                        raise ImageError(f"image at {url} is larger than the limit of {cap} bytes", "too_large")
+                        raise ImageError(f"{what} at {url} is larger than the limit of {cap} bytes", "too_large")
         except ImageError:
             raise
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as e:  # ValueError: bad URLs
@@ -89,13 +91,13 @@ class MediaLoader:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
 
-def decode_base64(data: str, max_bytes: int) -> bytes:
+def decode_base64(data: str, max_bytes: int, what: str = "image") -> bytes:
     if len(data) * 3 // 4 > max_bytes + 3:
-        raise ImageError(f"base64 image is larger than the limit of {max_bytes} bytes", "too_large")
+        raise ImageError(f"base64 {what} is larger than the limit of {max_bytes} bytes", "too_large")
     try:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
-        raise ImageError("image data is not valid base64", "bad_base64") from None
+        raise ImageError(f"{what} data is not valid base64", "bad_base64") from None
 
 
 def inspect_image(raw: bytes, max_pixels: int) -> ImageData:

@@ -100,6 +100,8 @@ class Metrics:
                                   buckets=LATENCY_BUCKETS, registry=r)
         self.vllm_success = Counter("vllm:request_success", "Requests that finished, by reason",
                                     ["model_name", "finished_reason"], registry=r)
+        self.videos_rejected = Counter("lightvlm_videos_rejected", "Videos refused at the edge, by reason",
+                                       ["reason"], registry=r)
         self.num_output_tokens: dict[int, int] = {}
 
     def watch_rooms(self, source) -> None:

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
+from lightvlm.models.video import VideoRequestError, VideoSampling
 from lightvlm.sampling_params import MAX_CHOICES, Constraint, SamplingParams
 from lightvlm.server.httpserver.http_utils import parse, read_json
 from lightvlm.server.httpserver.manager import (
@@ -21,6 +22,7 @@ from lightvlm.server.httpserver.manager import (
     HttpServerManager,
     RequestFailed,
     RequestState,
+    gather_or_cancel,
 )
 from lightvlm.server.httpserver.structured import pick_one, schema_text
 
@@ -35,9 +37,24 @@ class NativeImage(BaseModel):
     max_pixels: int | None = None
 
 
+class NativeVideo(BaseModel):
+    model_config = STRICT
+    type: Literal["url", "base64"]
+    data: str
+    fps: float | None = None  # frames per second to sample, or
+    num_frames: int | None = None  # frames in all (neither: the checkpoint's default)
+
+    def sampling(self) -> VideoSampling:
+        try:
+            return VideoSampling(self.fps, self.num_frames)
+        except VideoRequestError as e:
+            raise ClientError(str(e)) from None
+
+
 class MultimodalParams(BaseModel):
     model_config = STRICT
     images: list[NativeImage] = Field(default_factory=list)
+    videos: list[NativeVideo] = Field(default_factory=list)  # placed at the family's video tag or <video>
 
 
 class NativeParameters(BaseModel):
@@ -139,15 +156,16 @@ class NativeAPI:
         params = self.manager.stop_tokens_by_name(sampling_params(req.parameters, self.manager.sampling_defaults))
         params = await self.manager.check_params(params)
         bounds = self.image_bounds(req.multimodal_params)
-        images = await self.manager.load_images([(i.type, i.data) for i in req.multimodal_params.images])
+        if isinstance(req.inputs, list) and (req.multimodal_params.images or req.multimodal_params.videos):
+            raise ClientError("images and videos need a text prompt with placeholders, not token ids")
+        images, videos = await self.load_media(req.multimodal_params)
         if isinstance(req.inputs, list):
-            if images:
-                raise ClientError("images need a text prompt with placeholders, not token ids")
             if not req.inputs:
                 raise ClientError("inputs is an empty list of token ids")
             prepared = self.manager.prepare_ids(req.inputs)
         else:
-            prepared = await self.manager.prepare_text(req.inputs, images, req.parameters.add_special_tokens, bounds)
+            prepared = await self.manager.prepare_text(req.inputs, images, req.parameters.add_special_tokens, bounds,
+                                                       videos)
         if not prepared.prompt_ids:
             raise ClientError("the prompt is empty")
         params = self.manager.check_length(prepared, params, max_new_explicit=True)
@@ -155,6 +173,12 @@ class NativeAPI:
 
     def image_bounds(self, params: MultimodalParams) -> list[dict]:
         return [self.manager.pixel_bounds(i.min_pixels, i.max_pixels) for i in params.images]
+
+    async def load_media(self, params: MultimodalParams) -> tuple[list, list]:
+        """The images and videos, fetched and decoded concurrently."""
+        videos = [(v.type, v.data, v.sampling()) for v in params.videos]
+        images = [(i.type, i.data) for i in params.images]
+        return tuple(await gather_or_cancel([self.manager.load_images(images), self.manager.load_videos(videos)]))
 
     async def generate(self, request: web.Request) -> web.Response:
         req, prepared, params = await self.prepare(request)
@@ -235,8 +259,8 @@ class NativeAPI:
     async def tokens(self, request: web.Request) -> web.Response:
         req = parse(TokensRequest, await read_json(request))
         bounds = self.image_bounds(req.multimodal_params)
-        images = await self.manager.load_images([(i.type, i.data) for i in req.multimodal_params.images])
-        prepared = await self.manager.prepare_text(req.text, images, bounds=bounds)
+        images, videos = await self.load_media(req.multimodal_params)
+        prepared = await self.manager.prepare_text(req.text, images, bounds=bounds, videos=videos)
         return web.json_response({"ntokens": len(prepared.prompt_ids)})
 
     async def model_name(self, request: web.Request) -> web.Response:

@@ -1,11 +1,12 @@
 """The OpenAI-compatible API: /v1/models, /v1/chat/completions, /v1/completions, and vLLM's /tokenize,
 /detokenize and /version.
 
-Images in chat messages (`image_url` parts with http(s) or data: URLs) are placed where they appear,
-through the checkpoint's own chat template, which also renders `tools`. Requests are validated as
-vLLM validates them (openai_protocol.py); errors are in OpenAI's format. `usage.prompt_tokens`
-counts the ids the model saw, image tokens included. Without max_tokens, generation may run to the
-context limit.
+Images and videos in chat messages (`image_url` and `video_url` parts with http(s) or data: URLs; a
+video's `fps` or `num_frames` choose its frames) are placed where they appear, through the
+checkpoint's own chat template, which also renders `tools`. Requests are validated as vLLM validates
+them (openai_protocol.py); errors are in OpenAI's format. `usage.prompt_tokens` counts the ids the
+model saw, image and video tokens included. Without max_tokens, generation may run to the context
+limit.
 """
 
 import json
@@ -15,7 +16,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 import lightvlm
-from lightvlm.models.processor import PromptError, split_messages
+from lightvlm.models.processor import PromptError, split_media
 from lightvlm.server.httpserver.http_utils import parse, read_json
 from lightvlm.server.httpserver.manager import ClientError, HttpServerManager, Prepared, gather_or_cancel
 from lightvlm.server.httpserver.openai_completion import Completion, Shape, now, usage
@@ -93,15 +94,19 @@ class OpenAIAPI:
 
     async def load_chat(self, messages: list[dict], kwargs: "ProcessorKwargs | None" = None, **template) -> Prepared:
         try:
-            templated, sources = split_messages(template_messages(messages))
+            templated, sources, video_sources = split_media(template_messages(messages))
         except PromptError as e:
             raise ClientError(str(e)) from None
         if any(not isinstance(s, str) for s in sources):
             raise ClientError("each image_url part needs a 'url' string (http(s) or a data: URL)")
+        if any(not isinstance(v.source, str) for v in video_sources):
+            raise ClientError("each video part needs a 'url' string (http(s) or a data: URL)")
         kwargs = kwargs or ProcessorKwargs()
         bounds = self.manager.pixel_bounds(kwargs.min_pixels, kwargs.max_pixels)
-        images = await self.manager.load_images([("url", s) for s in sources])
-        return await self.manager.prepare_chat(templated, images, [bounds] * len(images), **template)
+        images, videos = await gather_or_cancel([self.manager.load_images([("url", s) for s in sources]),
+                                                 self.manager.load_videos([("url", v.source, v.sampling)
+                                                                           for v in video_sources])])
+        return await self.manager.prepare_chat(templated, images, [bounds] * len(images), videos, **template)
 
     # -- chat ----------------------------------------------------------------------------------
 
