@@ -18,7 +18,8 @@ INSTALL_REQUIRES = [
     "uvloop==0.23.0",
     "pydantic==2.14.3",
     "prometheus-client==0.26.0",
-    "llguidance==1.9.1",  # structured outputs (common/grammar.py; why not xgrammar: docs/protocol.md)
+    "llguidance==1.9.1",
+    "av==18.1.0",  # PyAV: video decoding (common/video.py)  # structured outputs (common/grammar.py; why not xgrammar: docs/protocol.md)
 ]
 
 TEST_REQUIRES = [
@@ -28,6 +29,7 @@ TEST_REQUIRES = [
     "ruff==0.17.6",
     "codespell==2.4.3",  # the spelling check on identifiers and docs (STYLE.md)
     "openai==3.54.0",
+    "hypothesis==6.170.17",  # property tests (processor grids, fuzzing)
     # Triton kernels are checked against their torch twins under TRITON_INTERPRET=1. On CUDA, torch
     # brings the triton build it was compiled with; this pin is only for the CPU test environment.
     "triton==3.9.0",
