@@ -18,8 +18,8 @@ INSTALL_REQUIRES = [
     "uvloop==0.23.0",
     "pydantic==2.14.3",
     "prometheus-client==0.26.0",
-    "llguidance==1.9.1",
-    "av==18.1.0",  # PyAV: video decoding (common/video.py)  # structured outputs (common/grammar.py; why not xgrammar: docs/protocol.md)
+    "llguidance==1.9.1",  # structured outputs (common/grammar.py; why not xgrammar: docs/protocol.md)
+    "av==18.1.0",  # PyAV: video decoding (common/video.py)
 ]
 
 TEST_REQUIRES = [
