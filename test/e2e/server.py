@@ -84,6 +84,11 @@ class Server:
         return sorted(p.name for p in SHM.glob(f"lvlm{self.instance}_*")) if self.instance else []
 
     @property
+    def model_name(self) -> str:
+        """The served name, which OpenAI requests must give (another is a 404)."""
+        return self.get("/get_model_name").json()["model_name"]
+
+    @property
     def headers(self) -> dict:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 

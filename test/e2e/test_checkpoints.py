@@ -68,8 +68,8 @@ def check_faces(server, model_dir, ref_dir, cases: dict) -> None:
         reference, inputs = reference_greedy(ref_dir, case, messages, MAX_NEW)
         assert out["prompt_tokens"] == inputs["input_ids"].shape[1], case
         assert_same_greedy(ref_dir, [t["id"] for t in out["tokens"]], reference, inputs, f"{model_dir.name}: {case}")
-        chat = client.chat.completions.create(model="m", messages=openai_messages(messages), temperature=0,
-                                              max_tokens=MAX_NEW)
+        chat = client.chat.completions.create(model=server.model_name, messages=openai_messages(messages),
+                                              temperature=0, max_tokens=MAX_NEW)
         assert chat.choices[0].message.content == out["generated_text"][0], case
         assert (chat.usage.prompt_tokens, chat.usage.completion_tokens) == (out["prompt_tokens"], len(out["tokens"]))
 
@@ -109,7 +109,7 @@ def test_images_sent_to_a_text_only_model_get_400(llm_server):
     assert response.status_code == 400 and "accepts no images" in response.json()["message"], response.text
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
     with pytest.raises(openai.BadRequestError, match="accepts no images"):
-        client.chat.completions.create(model="m", messages=openai_messages(one_image), max_tokens=4)
+        client.chat.completions.create(model=server.model_name, messages=openai_messages(one_image), max_tokens=4)
     still_serving = server.post("/generate", {"inputs": "Still here?", "parameters": {"max_new_tokens": 2}})
     assert still_serving.status_code == 200
 

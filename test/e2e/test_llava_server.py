@@ -45,8 +45,8 @@ def test_openai_chat_gives_the_pipelines_text_and_transformers_prompt_length(lla
     client = openai.OpenAI(base_url=llava_server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
     content = [*({"type": "image_url", "image_url": {"url": data_url(n)}} for n in NAMES),
                {"type": "text", "text": "What differs between them?"}]
-    r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": content}], temperature=0,
-                                       max_tokens=24)
+    r = client.chat.completions.create(model=llava_server.model_name, messages=[{"role": "user", "content": content}],
+                                       temperature=0, max_tokens=24)
     images = [load_image(n) for n in NAMES]
     expected = next_pipe(("What differs between them?", images), GenerationConfig(max_new_tokens=24))
     assert r.choices[0].message.content == expected.text
@@ -71,7 +71,7 @@ def test_native_generate_gives_the_pipelines_tokens(llava_server, next_pipe):
 
 def test_videos_are_refused_by_name(llava_server):
     """LLaVA takes images only: a video is a 400 that says so, before anything is fetched."""
-    body = {"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": [
+    body = {"max_tokens": 4, "messages": [{"role": "user", "content": [
         {"type": "video_url", "video_url": {"url": "http://127.0.0.1:9/never-fetched.mp4"}},
         {"type": "text", "text": "What happens?"}]}]}
     r = llava_server.post("/v1/chat/completions", body)

@@ -176,7 +176,13 @@ class InternVLProcessor(BaseProcessor):
 
     def _read_video_settings(self) -> str | None:
         """InternVLVideoProcessor's settings; a reason to refuse videos if its frames do not fit the tower."""
-        pre, source = video_processor_settings(self.model_dir)
+        if self.layout == "original":  # the model card's load_video: each frame one tile, preprocessed as images
+            t = self.tiling
+            pre, source = {"size": {"height": t.tile_size, "width": t.tile_size}, "resample": int(t.resample),
+                           "rescale_factor": t.rescale_factor, "image_mean": t.image_mean,
+                           "image_std": t.image_std}, "the image settings"
+        else:
+            pre, source = video_processor_settings(self.model_dir)
         size = pre.get("size") or {}
         if (size.get("height"), size.get("width")) != (self.tile_size, self.tile_size):
             return (f"this checkpoint takes no videos: its video processor ({source}) resizes frames to {size} but "
@@ -197,10 +203,11 @@ class InternVLProcessor(BaseProcessor):
                 f"dynamic={t.dynamic} tokens={self.tokens_per_tile} resample={int(t.resample)} "
                 f"scale={t.rescale_factor} mean={list(t.image_mean)} std={list(t.image_std)}")
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None,
+                            **template_kwargs) -> str:
         if self.layout == "original":
             messages = [text_parts(m, self.image_token) for m in messages]
-        return super().apply_chat_template(messages, add_generation_prompt)
+        return super().apply_chat_template(messages, add_generation_prompt, tools, **template_kwargs)
 
     def image_grid(self, width: int, height: int) -> tuple[int, int]:
         """(tile columns, tile rows)."""
