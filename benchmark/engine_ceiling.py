@@ -47,11 +47,12 @@ def measure(runner: ModelRunner, batch_size: int, prompt_tokens: int, output_tok
             "prefill_s": decode_started - started}
 
 
-def run(model_dir: str, batch_sizes: list[int], prompt_tokens: int, output_tokens: int) -> list[dict]:
+def run(model_dir: str, batch_sizes: list[int], prompt_tokens: int, output_tokens: int,
+        dtype: torch.dtype = torch.float32) -> list[dict]:
     ckpt = LoadedCheckpoint.open(model_dir)
     largest = max(batch_sizes)
     config = RunnerConfig(num_slots=largest * (prompt_tokens + output_tokens), max_reqs=largest,
-                          max_len=prompt_tokens + output_tokens)
+                          max_len=prompt_tokens + output_tokens, dtype=dtype)
     runner = ModelRunner(ckpt, config, ImageStore(), show_progress=False)
     measure(runner, 1, 16, 4)  # warm up
     return [measure(runner, size, prompt_tokens, output_tokens) for size in batch_sizes]

@@ -34,12 +34,12 @@ class ImageOnlyProcessor(HFInternVLProcessor):
         super().__init__(image_processor, tokenizer, None, image_seq_length, chat_template, **kwargs)
 
 
-def load(model_dir: str):
+def load(model_dir: str, dtype: torch.dtype = torch.float32):
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     config = json.loads(Path(model_dir, "processor_config.json").read_text())
     processor = ImageOnlyProcessor(GotOcr2ImageProcessorPil.from_pretrained(model_dir), tokenizer,
                                    image_seq_length=config["image_seq_length"], chat_template=tokenizer.chat_template)
-    model = InternVLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = InternVLForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).eval()
     return processor, model
 
 
@@ -74,7 +74,9 @@ class Stamps(StoppingCriteria):
 
 @torch.inference_mode()
 def run_batches(processor, model, requests: list[BenchRequest], batch_size: int) -> dict:
-    """Process all requests in static batches of `batch_size`, one batch after another."""
+    """Process all requests in static batches of `batch_size`, one batch after another. A batch runs
+    until its longest request is done (generate() has one length per batch); only the tokens each
+    request asked for count as output."""
     ttft, tpot, output_tokens = [], [], 0
     started = time.perf_counter()
     for i in range(0, len(requests), batch_size):
@@ -82,12 +84,12 @@ def run_batches(processor, model, requests: list[BenchRequest], batch_size: int)
         inputs = processor.apply_chat_template([to_hf(r.messages) for r in batch], add_generation_prompt=True,
                                                tokenize=True, return_dict=True, return_tensors="pt",
                                                processor_kwargs={"padding": True})
-        new_tokens = batch[0].max_tokens
+        new_tokens = max(r.max_tokens for r in batch)
         stamps = Stamps()
         out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                              stopping_criteria=StoppingCriteriaList([stamps]))
         produced = out.shape[1] - inputs["input_ids"].shape[1]
-        output_tokens += produced * len(batch)
+        output_tokens += sum(r.max_tokens for r in batch)
         first = stamps.times[0] - started
         per_token = (stamps.times[-1] - stamps.times[0]) / max(1, produced - 1)
         ttft += [first] * len(batch)
@@ -117,10 +119,11 @@ def main(argv=None) -> None:
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[8, 16, 32, 64])
     parser.add_argument("--output_tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--data_type", choices=["fp32", "bf16"], default="fp32")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    processor, model = load(args.model_dir)
+    processor, model = load(args.model_dir, {"fp32": torch.float32, "bf16": torch.bfloat16}[args.data_type])
     requests = build(args.num_requests, output_tokens=args.output_tokens)
     for size in args.batch_sizes:
         print(json.dumps(run_batches(processor, model, requests, size)))

@@ -17,9 +17,25 @@ def runs(summary: dict) -> str:
     return " / ".join(f"{x:.0f}" for x in summary.get("runs_output_tokens_per_s", [summary["output_tokens_per_s"]]))
 
 
-def best_hf(results: dict) -> tuple[int, dict]:
-    size = max(results["hf_W1"], key=lambda s: results["hf_W1"][s]["output_tokens_per_s"])
-    return size, results["hf_W1"][size]
+def best_hf(results: dict, key: str = "hf_W1") -> tuple[int, dict]:
+    size = max(results[key], key=lambda s: results[key][s]["output_tokens_per_s"])
+    return size, results[key][size]
+
+
+def by_dtype(results: dict) -> dict[str, dict]:
+    """dtype -> W1 fixed and varied, ours and transformers' best static batch, in the same dtype."""
+    if "dtype" not in results:  # a saved run from before the dtype rows
+        return {}
+    rows = {}
+    for dtype, prefix in ((results["dtype"], ""), (results["other_dtype"], f"{results['other_dtype']}_")):
+        rows[dtype] = {"fixed": results[f"{prefix}W1"], "varied": results[f"{prefix}W1_varied"],
+                       "hf_fixed": best_hf(results, f"hf_{prefix}W1"),
+                       "hf_varied": best_hf(results, f"hf_{prefix}W1_varied")}
+    return rows
+
+
+def ratio(ours: dict, theirs: dict) -> float:
+    return ours["output_tokens_per_s"] / theirs["output_tokens_per_s"]
 
 
 def plot(results: dict, path: Path) -> None:
@@ -61,8 +77,9 @@ def header(results: dict) -> list[str]:
         "",
         f"- Machine: {results['machine']}.",
         "- Checkpoint: the `small` random-weight demo (about 27M parameters; InternViT with 448-pixel tiles and",
-        "  256 tokens per tile; a 6-layer Qwen2-style LLM). fp32. Generation ignores EOS so every request",
-        "  produces exactly its output length.",
+        f"  256 tokens per tile; a 6-layer Qwen2-style LLM). {results.get('dtype', 'fp32')} (the server's default on",
+        "  this CPU) unless a row names another dtype; transformers runs in the same dtype as the row it is",
+        "  compared with. Generation ignores EOS so every request produces exactly its output length.",
         f"- Server: `python {results['server_command']}` (defaults otherwise: the compute processes share",
         "  the cores among those busy at each step).",
         "- Load: `python -m benchmark.serve` (OpenAI chat API, streaming). Baseline: `python -m",
@@ -90,6 +107,7 @@ def targets(results: dict) -> list[str]:
         "",
         "| workload | target | measured | |",
         "|---|---|---|---|",
+        *dtype_targets(results),
         f"| W1 throughput | >= 1.5x transformers' best static batch | {ratio_hf:.2f}x "
         f"({w1['output_tokens_per_s']:.0f} vs {hf_w1['output_tokens_per_s']:.0f} tok/s, batch {hf_size}) | "
         f"{verdict(ratio_hf >= 1.5)} |",
@@ -109,6 +127,44 @@ def targets(results: dict) -> list[str]:
         f"{ms(hf_w5['ttft_s']['p50'])} ms | |",
         *video_target(results),
     ]
+
+
+def dtype_targets(results: dict) -> list[str]:
+    rows, lines = by_dtype(results), []
+    for dtype, row in rows.items():
+        for kind, bound in (("fixed", 1.2), ("varied", 1.5)):
+            ours, (size, theirs) = row[kind], row[f"hf_{kind}"]
+            lines.append(f"| W1 {kind} lengths, {dtype} | >= {bound}x transformers' best static batch, {dtype} | "
+                         f"{ratio(ours, theirs):.2f}x ({ours['output_tokens_per_s']:.0f} vs "
+                         f"{theirs['output_tokens_per_s']:.0f} tok/s, batch {size}) | "
+                         f"{verdict(ratio(ours, theirs) >= bound)} |")
+    if "bf16" in rows and "fp32" in rows:
+        speedup = ratio(rows["bf16"]["fixed"], rows["fp32"]["fixed"])
+        lines.append(f"| bf16 against fp32 (W1, lightvlm) | >= 2x on a CPU with AMX or AVX512-BF16 | {speedup:.2f}x "
+                     f"({rows['bf16']['fixed']['output_tokens_per_s']:.0f} vs "
+                     f"{rows['fp32']['fixed']['output_tokens_per_s']:.0f} tok/s) | {verdict(speedup >= 2)} |")
+    return lines
+
+
+def dtype_table(results: dict) -> list[str]:
+    rows = by_dtype(results)
+    if not rows:
+        return []
+    lines = ["## W1 by dtype, against transformers in the same dtype", "",
+             f"The server's default is `--data_type auto`, which chose {results['dtype']} on this CPU; the "
+             f"{results['other_dtype']} rows come from a second server started with `--data_type "
+             f"{results['other_dtype']}`. W1 varied: output lengths uniform in 16-240 (mean 128), `ignore_eos`; "
+             "transformers' static batch runs until its longest request ends and counts only the tokens each "
+             "request asked for.", "",
+             "| dtype | workload | lightvlm tok/s | transformers tok/s (best batch) | ratio | lightvlm TTFT p50 (ms) "
+             "| transformers TTFT p50 (ms) |", "|---|---|---|---|---|---|---|"]
+    for dtype, row in rows.items():
+        for kind in ("fixed", "varied"):
+            ours, (size, theirs) = row[kind], row[f"hf_{kind}"]
+            lines.append(f"| {dtype} | W1 {kind} | {ours['output_tokens_per_s']:.0f} | "
+                         f"{theirs['output_tokens_per_s']:.0f} (batch {size}) | {ratio(ours, theirs):.2f}x | "
+                         f"{ms(ours['ttft_s']['p50'])} | {ms(theirs['ttft_s']['p50'])} |")
+    return lines
 
 
 def video_target(results: dict) -> list[str]:
@@ -188,7 +244,8 @@ def sweep_table(results: dict) -> list[str]:
 
 def write_report(results: dict, markdown: Path, png: Path, analysis: Path) -> None:
     plot(results, png)
-    sections = [header(results), targets(results), lightvlm_table(results), baseline_tables(results),
+    sections = [header(results), targets(results), dtype_table(results), lightvlm_table(results),
+                baseline_tables(results),
                 structured_table(results), sweep_table(results)]
     if analysis.exists():
         sections.append([analysis.read_text().strip()])

@@ -1,12 +1,14 @@
 """`make bench`: every workload on lightvlm and on the baselines in one run, then docs/performance.md.
 
 1. Build the `small` demo checkpoint if needed (the same cache folder the server uses).
-2. Start the server on it, run W1-W6 (W6: video clips, benchmark/video.py) and a concurrency sweep,
-   stop it. W2 alternates: each request
-   through the server, then the same one through transformers (one at a time), so that both sides
-   see the same state of a shared machine.
-3. Run transformers (static batches 8/16/32/64) and the engine ceiling (the model runner's loop
-   alone) on the same requests, and the cost of JSON-schema-constrained decoding (batch 1 and 32).
+2. Start the server on it with its defaults (`--data_type auto`: bf16 on CPUs with bf16 matrix
+   units, else fp32), run W1-W6 (W1 also with varied output lengths; W6: video clips,
+   benchmark/video.py) and a concurrency sweep, stop it. W2 alternates: each request through the
+   server, then the same one through transformers (one at a time), so that both sides see the same
+   state of a shared machine. Then the server again in the other dtype, for W1 and W1 varied.
+3. Run transformers in both dtypes (static batches 8/16/32/64 of W1, 32/64 of W1 varied) and the
+   engine ceiling (the model runner's loop alone) on the same requests, and the cost of
+   JSON-schema-constrained decoding (batch 1 and 32).
 4. Rewrite docs/performance.md (tables, ratios, targets met or not, machine, commands) and
    docs/performance.png (throughput and TTFT against concurrency). Raw numbers: bench_out/results.json.
 """
@@ -29,27 +31,30 @@ from benchmark import engine_ceiling, hf_baseline, structured_cost, video
 from benchmark.serve import Result, run, summarize
 from benchmark.workloads import build
 from lightvlm.models.demo import demo_checkpoint
+from lightvlm.models.weight_loader import auto_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench_out"
 DOCS = ROOT / "docs"
 ANALYSIS = Path(__file__).with_name("analysis.md")
 REPEATS = 2  # W1 on each side: the best of two runs (a shared machine varies by several percent)
+W1_VARIED, VARIED_SEED = (16, 240), 7  # W1 varied: output lengths uniform in 16-240 (mean 128, W1's length)
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class Server:
-    def __init__(self, model_dir: str, port: int, extra: list[str]):
+    def __init__(self, model_dir: str, port: int, extra: list[str], log_name: str = "server.log"):
         self.url = f"http://127.0.0.1:{port}"
         self.command = [sys.executable, "-m", "lightvlm.server.api_server", "--enable_multimodal", "--model_dir",
                         model_dir, "--port", str(port), *extra]
-        self.log = open(OUT / "server.log", "w")  # noqa: SIM115 (lives with the server)
+        self.log = open(OUT / log_name, "w")  # noqa: SIM115 (lives with the server)
         self.process = subprocess.Popen(self.command, stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited: see {OUT / 'server.log'}")
+                raise RuntimeError(f"the server exited: see {self.log.name}")
             try:
                 if requests.get(self.url + "/health", timeout=2).status_code == 200:
                     return
@@ -95,16 +100,24 @@ def paired_single_stream(url: str, hf, requests) -> tuple[dict, dict]:
     return summarize(ours, elapsed), hf_baseline.combine_single(theirs)
 
 
-def server_workloads(url: str, model_dir: str, log) -> dict:
-    r = {}
-    log("W1 throughput: 64 requests at concurrency 64, one new 448x448 image each, ~32 text tokens, 128 output "
-        "(twice, with other images the second time)")
+def w1_rows(url: str, log, dtype: str) -> tuple[dict, dict]:
+    """W1 with fixed output lengths (the best of REPEATS runs) and W1 with varied ones."""
+    log(f"W1 throughput ({dtype}): 64 requests at concurrency 64, one new 448x448 image each, ~32 text tokens, "
+        "128 output (twice, with other images the second time)")
     # each repeat with new images: a repeat of the same ones would be all cache hits
     runs = [bench(url, build(64, seed=1 + 10 * i), concurrency=64)[0] for i in range(REPEATS)]
-    r["W1"] = max(runs, key=lambda s: s["output_tokens_per_s"])
-    r["W1"]["runs_output_tokens_per_s"] = [s["output_tokens_per_s"] for s in runs]
+    fixed = max(runs, key=lambda s: s["output_tokens_per_s"])
+    fixed["runs_output_tokens_per_s"] = [s["output_tokens_per_s"] for s in runs]
+    log(f"W1 varied ({dtype}): the same with output lengths uniform in {W1_VARIED[0]}-{W1_VARIED[1]}")
+    varied, _ = bench(url, build(64, seed=VARIED_SEED, output_range=W1_VARIED), concurrency=64)
+    return fixed, varied
+
+
+def server_workloads(url: str, model_dir: str, log, dtype: str) -> dict:
+    r = {}
+    r["W1"], r["W1_varied"] = w1_rows(url, log, dtype)
     log("W2 single stream: 8 requests at concurrency 1, each followed by the same one through transformers")
-    hf = hf_baseline.load(model_dir)  # idle while the server works, and the other way round
+    hf = hf_baseline.load(model_dir, TORCH_DTYPES[dtype])  # idle while the server works, and the other way round
     r["W2"], r["hf_W2"] = paired_single_stream(url, hf, build(8, seed=2))
     del hf
     log("W3 repeated images: 48 requests, half reuse one of 8 images, concurrency 4")
@@ -131,17 +144,28 @@ def server_workloads(url: str, model_dir: str, log) -> dict:
     return r
 
 
-def baselines(model_dir: str, log) -> dict:
-    r = {}
-    processor, model = hf_baseline.load(model_dir)
-    log("transformers: W1 in static batches of 8, 16, 32, 64, and the best one again")
+def hf_w1(processor, model, log, dtype: str, sizes: tuple[int, ...]) -> tuple[dict, dict]:
+    """transformers on W1 in static batches of `sizes` (the best one again), and on W1 varied."""
+    log(f"transformers ({dtype}): W1 in static batches of {', '.join(map(str, sizes))}, and the best one again")
     w1 = build(64, seed=1)
-    r["hf_W1"] = {size: hf_baseline.run_batches(processor, model, w1, size) for size in (8, 16, 32, 64)}
-    best = max(r["hf_W1"], key=lambda size: r["hf_W1"][size]["output_tokens_per_s"])
-    runs = [r["hf_W1"][best]] + [hf_baseline.run_batches(processor, model, build(64, seed=1 + 10 * i), best)
-                                 for i in range(1, REPEATS)]
-    r["hf_W1"][best] = max(runs, key=lambda s: s["output_tokens_per_s"])
-    r["hf_W1"][best]["runs_output_tokens_per_s"] = [s["output_tokens_per_s"] for s in runs]
+    fixed = {size: hf_baseline.run_batches(processor, model, w1, size) for size in sizes}
+    best = max(fixed, key=lambda size: fixed[size]["output_tokens_per_s"])
+    runs = [fixed[best]] + [hf_baseline.run_batches(processor, model, build(64, seed=1 + 10 * i), best)
+                            for i in range(1, REPEATS)]
+    fixed[best] = max(runs, key=lambda s: s["output_tokens_per_s"])
+    fixed[best]["runs_output_tokens_per_s"] = [s["output_tokens_per_s"] for s in runs]
+    log(f"transformers ({dtype}): W1 varied in static batches of 32 and 64")
+    varied_reqs = build(64, seed=VARIED_SEED, output_range=W1_VARIED)
+    varied = {size: hf_baseline.run_batches(processor, model, varied_reqs, size) for size in (32, 64)}
+    return fixed, varied
+
+
+def baselines(model_dir: str, log, dtype: str, other: str) -> dict:
+    r = {}
+    processor, model = hf_baseline.load(model_dir, TORCH_DTYPES[other])
+    r[f"hf_{other}_W1"], r[f"hf_{other}_W1_varied"] = hf_w1(processor, model, log, other, (16, 32, 64))
+    processor, model = hf_baseline.load(model_dir, TORCH_DTYPES[dtype])
+    r["hf_W1"], r["hf_W1_varied"] = hf_w1(processor, model, log, dtype, (8, 16, 32, 64))
     log("transformers: W5 in static batches of 8")
     r["hf_W5"] = hf_baseline.run_batches(
         processor, model, build(32, multi_turn=True, repeat_share=0.5, pool_size=8, output_tokens=64, seed=6), 8)
@@ -149,7 +173,8 @@ def baselines(model_dir: str, log) -> dict:
                             "ttft_p50_s": r["hf_W1"][size]["ttft_s"]["p50"]} for size in (8, 16, 32, 64)}
     del model
     log("engine ceiling: the model runner's loop alone, batches 8, 16, 32, 64")
-    r["ceiling"] = {row["batch_size"]: row for row in engine_ceiling.run(model_dir, [8, 16, 32, 64], 300, 128)}
+    r["ceiling"] = {row["batch_size"]: row for row in engine_ceiling.run(model_dir, [8, 16, 32, 64], 300, 128,
+                                                                         TORCH_DTYPES[dtype])}
     log("structured outputs: JSON-schema-constrained decoding against unconstrained, batches 1 and 32")
     r["structured"] = {row["batch_size"]: row for row in structured_cost.engine_costs(model_dir, [1, 32], 64)}
     return r
@@ -178,16 +203,26 @@ def main(argv=None) -> None:
         print(f"[{time.monotonic() - started:6.0f}s] {message}", flush=True)
 
     model_dir = demo_checkpoint()
+    # the server's default (--data_type auto) and the other CPU dtype, each against transformers in it
+    dtype = "bf16" if auto_dtype("cpu", model_dir)[0] == torch.bfloat16 else "fp32"
+    other = "fp32" if dtype == "bf16" else "bf16"
     server = Server(model_dir, args.port, args.server_args)
     try:
         server.wait_ready()
-        results = server_workloads(server.url, model_dir, log)
+        results = server_workloads(server.url, model_dir, log, dtype)
         (OUT / "metrics.txt").write_text(server.metrics())
     finally:
         server.stop()
-    results.update(baselines(model_dir, log))
-    results["machine"] = machine()
     results["server_command"] = " ".join(server.command[1:]).replace(model_dir, "<demo-internvl-small>")
+    server = Server(model_dir, args.port, ["--data_type", other, *args.server_args], log_name=f"server_{other}.log")
+    try:
+        server.wait_ready()
+        results[f"{other}_W1"], results[f"{other}_W1_varied"] = w1_rows(server.url, log, other)
+    finally:
+        server.stop()
+    results.update(baselines(model_dir, log, dtype, other))
+    results["dtype"], results["other_dtype"] = dtype, other
+    results["machine"] = machine()
     results["minutes"] = (time.monotonic() - started) / 60
     (OUT / "results.json").write_text(json.dumps(results, indent=1, default=str))
     from benchmark.report import write_report

@@ -62,10 +62,14 @@ def user_turn(text: str, images: list[bytes]) -> dict:
 
 def build(num_requests: int, images_per_request: int = 1, image_size: tuple[int, int] = (448, 448),
           repeat_share: float = 0.0, pool_size: int = 8, prompt_words: int = 24, output_tokens: int = 128,
-          multi_turn: bool = False, seed: int = 0, tag: str = "") -> list[BenchRequest]:
+          multi_turn: bool = False, seed: int = 0, tag: str = "",
+          output_range: tuple[int, int] | None = None) -> list[BenchRequest]:
     """`repeat_share` of the requests reuse an image from a pool of `pool_size`; the others get a
-    fresh image each. ~24 words make ~32 tokens with the demo tokenizer."""
+    fresh image each. ~24 words make ~32 tokens with the demo tokenizer. `output_range` (lo, hi) draws
+    each request's output length uniformly from lo..hi instead of `output_tokens` (the same prompts
+    and images as without it)."""
     rng = random.Random(seed)
+    lengths = random.Random(seed + 1)
     pool_cache: dict[int, bytes] = {}
     seen: set[int] = set()
 
@@ -93,5 +97,6 @@ def build(num_requests: int, images_per_request: int = 1, image_size: tuple[int,
                 messages.append(user_turn(prompt_text(prompt_words // 2, rng), [image_for(rng.randrange(pool_size))]))
                 messages.append({"role": "assistant", "content": prompt_text(12, rng)})
         messages.append(user_turn(prompt_text(prompt_words, rng), images))
-        requests.append(BenchRequest(messages, output_tokens, ids, repeated, tag))
+        length = lengths.randint(*output_range) if output_range else output_tokens
+        requests.append(BenchRequest(messages, length, ids, repeated, tag))
     return requests

@@ -35,7 +35,7 @@ class ModelConfig:
     model_dir: str
     model_name: str
     tp: int = 1
-    data_type: str | None = None  # None: fp32 on CPU, the checkpoint's dtype on CUDA
+    data_type: str = "auto"  # auto: bf16 on CPUs with bf16 matrix units, else fp32; the checkpoint's on CUDA
     device: str = "cpu"
     trust_remote_code: bool = False  # accepted for LightLLM compatibility; checkpoint code never runs
     load_workers: int = 1
@@ -140,8 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model_name", default=None, help="name reported by /get_model_name and /v1/models "
                                                       "(default: the folder's name)")
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel model workers (GPUs; CPU processes)")
-    g.add_argument("--data_type", default=None, choices=["fp32", "bf16", "fp16", "float32", "bfloat16", "float16"],
-                   help="weight and KV dtype (default: fp32 on CPU, the checkpoint's dtype on CUDA)")
+    g.add_argument("--data_type", default="auto",
+                   choices=["auto", "fp32", "bf16", "fp16", "float32", "bfloat16", "float16"],
+                   help="weight, activation and KV dtype; logits and sampling are fp32 always. auto: on the CPU "
+                        "bf16 where it has AMX or AVX512-BF16, fp32 elsewhere; on CUDA the checkpoint's dtype")
     g.add_argument("--trust_remote_code", action="store_true",
                    help="accepted for compatibility; lightvlm never runs code from the checkpoint")
     g = p.add_argument_group("memory and batching")

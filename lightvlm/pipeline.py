@@ -194,7 +194,7 @@ class RemoteRunner:
     """The model runner split over `tp` worker processes: the same model workers the server runs,
     driven the way its router drives them. Same interface as ModelRunner for the pipeline's loop."""
 
-    def __init__(self, model_dir: str | Path, tp: int, config: RunnerConfig, data_type: str | None):
+    def __init__(self, model_dir: str | Path, tp: int, config: RunnerConfig, data_type: str):
         server_config = ServerConfig(
             model=ModelConfig(str(model_dir), Path(model_dir).name, tp=tp, data_type=data_type, device=config.device,
                               load_workers=config.load_workers),
@@ -233,11 +233,13 @@ class RemoteRunner:
 class Pipeline:
     def __init__(self, model_dir: str | Path, tp: int = 1, max_batch_size: int = 64, session_len: int | None = None,
                  max_total_token_num: int | None = None, batch_max_tokens: int | None = None,
-                 data_type: str | None = None, device: str | None = None, show_progress: bool = False,
+                 data_type: str = "auto", device: str | None = None, show_progress: bool = False,
                  min_pixels: int | None = None, max_pixels: int | None = None):
         """tp > 1 runs the language model in `tp` worker processes (torch.distributed: gloo on the CPU,
         NCCL on CUDA); the vision tower and everything else stay in this process. min_pixels /
-        max_pixels replace the checkpoint's resolution bounds (dynamic-resolution families only)."""
+        max_pixels replace the checkpoint's resolution bounds (dynamic-resolution families only). data_type
+        "auto" runs bf16 on CPUs with bf16 matrix units (AMX, AVX512-BF16), fp32 on other CPUs and the
+        checkpoint's dtype on CUDA; "fp32", "bf16", "fp16" choose."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         ckpt = LoadedCheckpoint.open(model_dir)
         dtype = resolve_dtype(data_type, device, model_dir)
@@ -259,7 +261,7 @@ class Pipeline:
             self.runner = ModelRunner(ckpt, runner_config, self.images, show_progress=show_progress)
             self.grammar = self.runner.grammar_masks.compiler  # output constraints, checked before they run
         else:
-            self.runner = RemoteRunner(model_dir, tp, runner_config, data_type)
+            self.runner = RemoteRunner(model_dir, tp, runner_config, str(dtype).removeprefix("torch."))
             self.images = SharedImageStore(self.runner.prefix)
             self.grammar = GrammarCompiler(self.processor.tokenizer, ckpt.config.text.vocab_size, ckpt.eos_token_ids)
             atexit.register(self.close)

@@ -35,7 +35,7 @@ def pipes(references):
     def get(name):
         if name not in opened:
             opened[name] = references.reference(name), pipeline(references(name), max_batch_size=8, session_len=2048,
-                                                                max_total_token_num=8 * 2048)
+                                                                max_total_token_num=8 * 2048, data_type="fp32")
         return opened[name]
 
     return get

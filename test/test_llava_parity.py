@@ -29,7 +29,8 @@ def pipes():
 @pytest.fixture
 def pipe(reference, pipes):
     if reference not in pipes:
-        pipes[reference] = pipeline(reference, max_batch_size=8, session_len=1024, max_total_token_num=8 * 1024)
+        pipes[reference] = pipeline(reference, max_batch_size=8, session_len=1024, max_total_token_num=8 * 1024,
+                                    data_type="fp32")
     return pipes[reference]
 
 
@@ -94,7 +95,8 @@ def test_older_checkpoint_layout_loads_the_same_model(name, llava_checkpoints, t
     old = old_layout_copy(new, tmp_path / name)
     images = [load_image("coffee.jpg"), tall_image()]
     config = GenerationConfig(max_new_tokens=MAX_NEW)
-    ours = pipeline(old, max_batch_size=2, session_len=1024, max_total_token_num=2048)(("Describe.", images), config)
+    ours = pipeline(old, max_batch_size=2, session_len=1024, max_total_token_num=2048,
+                    data_type="fp32")(("Describe.", images), config)
     reference, inputs = hf_generate(new, hf_messages("Describe.", images), MAX_NEW)
     assert_same_greedy(new, ours.token_ids, reference, inputs, f"{name} in the older layout")
 
@@ -104,7 +106,8 @@ def test_tp2_pipeline_matches_transformers(llava_checkpoints):
     model_dir = llava_checkpoints.get("next_llama")
     requests = [("Describe this image.", [load_image("coffee.jpg")]),
                 ("What differs?", [load_image("coffee_strip_600x40.jpg"), tall_image()]), ("Hello there!", [])]
-    with pipeline(model_dir, tp=2, max_batch_size=4, session_len=1024, max_total_token_num=4096) as pipe:
+    with pipeline(model_dir, tp=2, max_batch_size=4, session_len=1024, max_total_token_num=4096,
+                  data_type="fp32") as pipe:
         responses = pipe([(t, ims) if ims else t for t, ims in requests], GenerationConfig(max_new_tokens=MAX_NEW))
     for (text, images), response in zip(requests, responses):
         reference, inputs = hf_generate(model_dir, hf_messages(text, images), MAX_NEW)

@@ -20,7 +20,7 @@ GREEDY = GenerationConfig(max_new_tokens=12)
 
 @pytest.fixture(scope="module")
 def pipe(tiny_qwen2):
-    return pipeline(tiny_qwen2, max_batch_size=8, session_len=1024, max_total_token_num=8 * 1024)
+    return pipeline(tiny_qwen2, max_batch_size=8, session_len=1024, max_total_token_num=8 * 1024, data_type="fp32")
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,8 @@ def test_tensor_parallel_pipeline_gives_the_same_tokens(tiny_qwen2, pipe):
     prompts = [("Describe this image.", load_image("coffee.jpg")), "Text only, please.",
                ("Two images.", [load_image("chelsea.png"), load_image("coffee_strip_600x40.jpg")])]
     expected = [r.token_ids for r in pipe(prompts, GREEDY)]
-    with pipeline(tiny_qwen2, tp=2, max_batch_size=8, session_len=1024, max_total_token_num=8 * 1024) as split:
+    with pipeline(tiny_qwen2, tp=2, max_batch_size=8, session_len=1024, max_total_token_num=8 * 1024,
+                  data_type="fp32") as split:
         # the workers are other processes: the image rows reached them through shared memory
         assert [r.token_ids for r in split(prompts, GREEDY)] == expected
         prefix = split.runner.prefix
@@ -134,7 +135,7 @@ def test_stop_string_on_the_last_allowed_token_is_a_stop(pipe):
 
 def test_session_longer_than_the_model_is_refused(tiny_qwen2):
     with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings"):
-        pipeline(tiny_qwen2, session_len=10**6)
+        pipeline(tiny_qwen2, session_len=10**6, data_type="fp32")
 
 
 def test_a_request_the_model_fails_on_ends_with_an_error(pipe, monkeypatch):

@@ -36,7 +36,8 @@ def pipes():
 @pytest.fixture
 def pipe(model_dir, pipes):
     if model_dir not in pipes:
-        pipes[model_dir] = pipeline(model_dir, max_batch_size=16, session_len=2048, max_total_token_num=16 * 2048)
+        pipes[model_dir] = pipeline(model_dir, max_batch_size=16, session_len=2048, max_total_token_num=16 * 2048,
+                                    data_type="fp32")
     return pipes[model_dir]
 
 
@@ -143,7 +144,7 @@ def test_generation_config_defaults_apply_as_in_transformers(qwen2_dir, tmp_path
     reference, inputs = hf_generate(model_dir, hf_messages("Describe this image.", images), 40)
     plain, _ = hf_generate(qwen2_dir, hf_messages("Describe this image.", images), 40)
     assert reference != plain  # the penalty matters for this prompt
-    ours = pipeline(model_dir, max_batch_size=4, session_len=1024, max_total_token_num=4096)
+    ours = pipeline(model_dir, max_batch_size=4, session_len=1024, max_total_token_num=4096, data_type="fp32")
     r = ours(("Describe this image.", images), GenerationConfig(max_new_tokens=40))
     assert_same_greedy(model_dir, r.token_ids, reference, inputs, "generation_config repetition_penalty")
 
@@ -154,7 +155,7 @@ def test_repetition_penalty_counts_image_tokens_like_transformers(qwen2_dir):
     with torch.no_grad():
         out = hf_model(qwen2_dir).generate(**inputs, max_new_tokens=30, do_sample=False, repetition_penalty=0.3)
     reference = out[0, inputs["input_ids"].shape[1]:].tolist()
-    ours = pipeline(qwen2_dir, max_batch_size=4, session_len=1024, max_total_token_num=4096)
+    ours = pipeline(qwen2_dir, max_batch_size=4, session_len=1024, max_total_token_num=4096, data_type="fp32")
     r = ours(("Describe this image.", images), GenerationConfig(max_new_tokens=30, repetition_penalty=0.3))
     assert r.token_ids == reference
 
@@ -169,7 +170,7 @@ def test_separate_lm_head_in_a_tied_checkpoint_is_used(qwen2_dir, tmp_path):
 
     model_dir = variant(qwen2_dir, tmp_path, "own-head", edit_tensors=add_head)
     reference, inputs = hf_generate(model_dir, hf_messages("Hello there!", []), 30)
-    ours = pipeline(model_dir, max_batch_size=4, session_len=1024, max_total_token_num=4096)
+    ours = pipeline(model_dir, max_batch_size=4, session_len=1024, max_total_token_num=4096, data_type="fp32")
     assert_same_greedy(model_dir, ours("Hello there!", GenerationConfig(max_new_tokens=30)).token_ids, reference,
                        inputs, "separate lm_head")
 

@@ -28,7 +28,7 @@ def pipes():
 def pipe(qwen_vl_reference, pipes):
     if qwen_vl_reference not in pipes:
         pipes[qwen_vl_reference] = pipeline(qwen_vl_reference, max_batch_size=8, session_len=1024,
-                                            max_total_token_num=8 * 1024, batch_max_tokens=96)
+                                            max_total_token_num=8 * 1024, batch_max_tokens=96, data_type="fp32")
     return pipes[qwen_vl_reference]
 
 
@@ -110,13 +110,14 @@ def test_one_dimensional_positions_change_the_answer(pipe, qwen_vl_reference, mo
     check(qwen_vl_reference, conversation, right, "image mid-text")
     monkeypatch.setattr(QwenVLLanguage, "plan_positions",
                         lambda self, n, images: TablePositions(torch.arange(n).expand(3, -1), n))
-    wrong = pipeline(qwen_vl_reference, max_batch_size=2, session_len=1024, max_total_token_num=2048)
+    wrong = pipeline(qwen_vl_reference, max_batch_size=2, session_len=1024, max_total_token_num=2048, data_type="fp32")
     assert wrong(conversation, GenerationConfig(max_new_tokens=MAX_NEW)).token_ids != right.token_ids
 
 
 def test_tensor_parallel_pipeline_matches_transformers(qwen_vl_reference):
     """--tp 2: the language model split over two worker processes (gloo)."""
-    with pipeline(qwen_vl_reference, tp=2, max_batch_size=4, session_len=1024, max_total_token_num=4096) as tp2:
+    with pipeline(qwen_vl_reference, tp=2, max_batch_size=4, session_len=1024, max_total_token_num=4096,
+                  data_type="fp32") as tp2:
         conversations = [c for _, c in cases()]
         responses = tp2(conversations, GenerationConfig(max_new_tokens=MAX_NEW))
     for (label, conversation), response in zip(cases(), responses):
@@ -127,7 +128,7 @@ def test_lower_max_pixels_for_the_pipeline_matches_transformers(qwen_vl_referenc
     checkpoint = LoadedCheckpoint.open(qwen_vl_reference).processor
     factor = checkpoint.patch_size * checkpoint.merge_size
     ours = pipeline(qwen_vl_reference, max_batch_size=2, session_len=1024, max_total_token_num=2048,
-                    max_pixels=factor * factor * 12)
+                    max_pixels=factor * factor * 12, data_type="fp32")
     conversation = messages("Describe this image.", [load_image("coffee.jpg")])
     response = ours(conversation, GenerationConfig(max_new_tokens=MAX_NEW))
     reference, inputs = hf_generate(qwen_vl_reference, conversation, MAX_NEW, max_pixels=factor * factor * 12)

@@ -28,7 +28,7 @@ def pipes():
 def pipe_for(model_dir, pipes):
     if model_dir not in pipes:
         pipes[model_dir] = pipeline(model_dir, max_batch_size=8, session_len=1024, max_total_token_num=8 * 1024,
-                                    batch_max_tokens=128)
+                                    batch_max_tokens=128, data_type="fp32")
     return pipes[model_dir]
 
 

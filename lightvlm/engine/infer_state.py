@@ -55,7 +55,7 @@ class InferState:
     out_slots: torch.Tensor  # [T] where each row's K/V is written
     kv: KVCache
     logit_rows: torch.Tensor  # [S] rows whose next-token logits are sampled
-    decode_rows: torch.Tensor | None = None  # [B] rows of single-query requests
+    decode_rows: torch.Tensor | slice | None = None  # [B] rows of single-query requests (a slice when contiguous)
     decode_slots: torch.Tensor | None = None  # [B, Lmax] their context slots (padding past each length)
     decode_lengths: torch.Tensor | None = None  # [B]
     prefills: list[PrefillChunk] = field(default_factory=list)
@@ -70,8 +70,10 @@ class InferState:
         out = torch.empty_like(q)
         if self.decode_rows is not None:
             attend = token_decode_attention if q.is_cuda else token_decode_attention_torch
-            out[self.decode_rows] = attend(q[self.decode_rows], k_cache, v_cache, self.decode_slots,
-                                           self.decode_lengths)
+            decoded = attend(q[self.decode_rows], k_cache, v_cache, self.decode_slots, self.decode_lengths)
+            if not self.prefills and decoded.shape[0] == q.shape[0]:  # a decode-only step: no copy
+                return decoded.reshape(decoded.shape[0], -1)
+            out[self.decode_rows] = decoded
         for chunk in self.prefills:
             rows = slice(chunk.row, chunk.row + chunk.num_tokens)
             if chunk.start == 0:  # nothing cached before: attend over this step's own K/V

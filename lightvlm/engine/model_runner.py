@@ -283,7 +283,10 @@ class ModelRunner:
             lengths = torch.tensor(decode_lengths, device=dev)
             longest = max(decode_lengths)
             rows = torch.tensor(decode_table_rows, device=dev)
-            state.decode_rows = torch.tensor(decode_rows, dtype=torch.long, device=dev)
+            first = decode_rows[0]
+            contiguous = decode_rows == list(range(first, first + len(decode_rows)))  # a view, not a gather
+            state.decode_rows = (slice(first, first + len(decode_rows)) if contiguous
+                                 else torch.tensor(decode_rows, dtype=torch.long, device=dev))
             state.decode_slots = self.req_to_slots[rows, :longest]  # past each length: stale slots, masked
             state.decode_lengths = lengths
         if image_rows:

@@ -17,9 +17,12 @@ from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
+from lightvlm.common.logging import get_logger
 from lightvlm.models.checkpoint import CheckpointError, LoadedCheckpoint, checkpoint_dtype, checkpoint_files
 from lightvlm.models.layers.linear import PACKED_QKV
 from lightvlm.models.registry import load_object
+
+logger = get_logger(__name__)
 
 # (fused parameter, checkpoint name, shard id)
 STACKED_PARAMS = (
@@ -115,10 +118,41 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
-def resolve_dtype(data_type: str | None, device: str, model_dir: str | Path) -> torch.dtype:
-    """--data_type, or by default fp32 on the CPU and the checkpoint's own dtype on CUDA."""
-    if data_type is None or data_type == "auto":
-        return SAFETENSORS_DTYPES[checkpoint_dtype(model_dir)] if device.startswith("cuda") else torch.float32
+# CPU features whose bf16 matmuls beat fp32 (measured in docs/performance.md): AMX tiles (Intel Sapphire
+# Rapids and later) and AVX512-BF16 (AMD Zen 4, Intel Cooper Lake and later).
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def auto_dtype(device: str, model_dir: str | Path, flags: frozenset[str] | None = None) -> tuple[torch.dtype, str]:
+    """`--data_type auto`: (dtype, why). CUDA runs the checkpoint's own dtype; the CPU runs bf16 where
+    it has bf16 matrix instructions and fp32 elsewhere."""
+    if device.startswith("cuda"):
+        name = checkpoint_dtype(model_dir)
+        return SAFETENSORS_DTYPES[name], f"the checkpoint's dtype ({name})"
+    found = sorted(set(BF16_CPU_FLAGS) & (cpu_flags() if flags is None else flags))
+    if found:
+        return torch.bfloat16, f"the CPU has {', '.join(found)}"
+    return torch.float32, "the CPU has no bf16 matrix instructions"
+
+
+def resolve_dtype(data_type: str, device: str, model_dir: str | Path) -> torch.dtype:
+    """--data_type; `auto` (the default) as `auto_dtype` decides, logged."""
+    if data_type == "auto":
+        dtype, why = auto_dtype(device, model_dir)
+        logger.info("data type auto: %s, because %s", str(dtype).removeprefix("torch."), why)
+        return dtype
     if data_type not in DTYPES:
-        raise ValueError(f"unknown data type {data_type!r}; use one of fp32, bf16, fp16")
+        raise ValueError(f"unknown data type {data_type!r}; use one of auto, fp32, bf16, fp16")
     return DTYPES[data_type]

@@ -51,7 +51,7 @@ def main_server(tmp_path_factory, tiny_qwen2):
 
 @pytest.fixture(scope="session")
 def tiny_pipe(tiny_qwen2):
-    return pipeline(tiny_qwen2, max_batch_size=8, session_len=2048, max_total_token_num=8 * 2048)
+    return pipeline(tiny_qwen2, max_batch_size=8, session_len=2048, max_total_token_num=8 * 2048, data_type="fp32")
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):

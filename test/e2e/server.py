@@ -48,7 +48,9 @@ class Server:
         self.api_key = next((args[i + 1] for i, a in enumerate(args) if a == "--api_key"), None)
         self.url = f"http://127.0.0.1:{self.port}"
         model = ["--model_dir", str(model_dir)] if model_dir is not None else []  # None: the demo checkpoint
-        command = [sys.executable, "-m", "lightvlm.server.api_server", *model, "--port", str(self.port),
+        # fp32 unless a test asks otherwise: the tests compare with fp32 references token by token
+        dtype = [] if "--data_type" in args else ["--data_type", "fp32"]
+        command = [sys.executable, "-m", "lightvlm.server.api_server", *model, "--port", str(self.port), *dtype,
                    *map(str, args)]
         self.log_path = log_path
         self.log = open(log_path, "w+") if log_path else subprocess.DEVNULL  # noqa: SIM115 (lives with the server)

@@ -33,7 +33,7 @@ def llava_server(tmp_path_factory, next_dir):
 
 @pytest.fixture(scope="module")
 def next_pipe(next_dir):
-    return pipeline(next_dir, max_batch_size=4, session_len=1024, max_total_token_num=4096)
+    return pipeline(next_dir, max_batch_size=4, session_len=1024, max_total_token_num=4096, data_type="fp32")
 
 
 def data_url(name):

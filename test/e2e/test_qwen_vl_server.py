@@ -43,7 +43,7 @@ def served(tmp_path_factory, qwen_vl_reference):
                    "--tp", "2", "--visual_tp", "2", "--max_pixels", max_pixels, "--max_req_total_len", "1024",
                    "--max_total_token_num", "16384", "--cache_capacity", "8")
     pipe = pipeline(qwen_vl_reference, max_batch_size=2, session_len=1024, max_total_token_num=2048,
-                    max_pixels=max_pixels)
+                    max_pixels=max_pixels, data_type="fp32")
     yield server, max_pixels, pipe
     stop_and_check(server)
 

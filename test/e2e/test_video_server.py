@@ -43,7 +43,7 @@ def video_server(tmp_path_factory, model_dir):
 
 @pytest.fixture(scope="module")
 def pipe(model_dir):
-    made = pipeline(model_dir, max_batch_size=4, session_len=2048, max_total_token_num=8192)
+    made = pipeline(model_dir, max_batch_size=4, session_len=2048, max_total_token_num=8192, data_type="fp32")
     yield made
     made.close()
 

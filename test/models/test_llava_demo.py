@@ -29,6 +29,6 @@ def test_demo_is_deterministic_tiny_and_runs_as_in_transformers(tmp_path):
 
     images = [load_image("rocket.jpg")]
     reference, inputs = hf_generate(first, hf_messages("Describe this image.", images), 24)
-    ours = pipeline(first, max_batch_size=2, session_len=512, max_total_token_num=1024)(
+    ours = pipeline(first, max_batch_size=2, session_len=512, max_total_token_num=1024, data_type="fp32")(
         ("Describe this image.", images), GenerationConfig(max_new_tokens=24))
     assert_same_greedy(first, ours.token_ids, reference, inputs, "llava_next demo")

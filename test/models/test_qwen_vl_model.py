@@ -169,7 +169,7 @@ def test_demo_checkpoints_load_in_both_and_match_transformers(arch, checkpoints_
     model_dir = build_demo_checkpoint(checkpoints_dir / f"demo-{arch}", arch=arch)
     conversation = messages("Describe this image.", [load_image("chelsea.png")])
     reference, inputs = hf_generate(model_dir, conversation, 12)
-    ours = pipeline(model_dir, max_batch_size=2, session_len=1024, max_total_token_num=2048)
+    ours = pipeline(model_dir, max_batch_size=2, session_len=1024, max_total_token_num=2048, data_type="fp32")
     response = ours(conversation, GenerationConfig(max_new_tokens=12))
     assert response.input_token_len == inputs["input_ids"].shape[1]
     assert_same_greedy(model_dir, response.token_ids, reference, inputs, f"demo {arch}")

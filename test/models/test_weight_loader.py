@@ -11,7 +11,7 @@ from lightvlm.common.distributed import SINGLE
 from lightvlm.engine.visual_encoder import VisualEncoder
 from lightvlm.models.checkpoint import CheckpointError, LoadedCheckpoint, checkpoint_files
 from lightvlm.models.demo import build_demo_checkpoint
-from lightvlm.models.weight_loader import build_part, resolve_dtype
+from lightvlm.models.weight_loader import auto_dtype, build_part, cpu_flags, resolve_dtype
 
 
 def state(module):
@@ -47,13 +47,22 @@ def test_bf16_data_type(tiny_qwen2):
     assert torch.equal(model.language_model.norm.weight, reference.to(torch.bfloat16))
 
 
-def test_default_dtype_is_fp32_on_cpu_and_the_checkpoints_on_cuda(tmp_path):
+def test_auto_dtype_is_bf16_on_cpus_with_bf16_matrix_units_and_the_checkpoints_on_cuda(tmp_path):
     bf16 = build_demo_checkpoint(tmp_path / "bf16", dtype="bfloat16")
-    assert resolve_dtype(None, "cpu", bf16) == torch.float32
-    assert resolve_dtype(None, "cuda", bf16) == torch.bfloat16
+    assert auto_dtype("cpu", bf16, frozenset({"avx2", "avx512f", "avx512_bf16"}))[0] == torch.bfloat16  # Zen 4
+    assert auto_dtype("cpu", bf16, frozenset({"avx512f", "amx_tile", "amx_bf16"}))[0] == torch.bfloat16  # SPR
+    assert auto_dtype("cpu", bf16, frozenset({"avx2", "avx512f"}))[0] == torch.float32
+    assert auto_dtype("cpu", bf16, frozenset())[0] == torch.float32  # /proc/cpuinfo unreadable
+    assert auto_dtype("cuda", bf16, frozenset())[0] == torch.bfloat16
+    assert resolve_dtype("auto", "cpu", bf16) == auto_dtype("cpu", bf16, cpu_flags())[0]  # this machine's flags
     assert resolve_dtype("fp16", "cpu", bf16) == torch.float16
+    assert resolve_dtype("fp32", "cpu", bf16) == torch.float32
     with pytest.raises(ValueError, match="unknown data type 'int4'"):
         resolve_dtype("int4", "cpu", bf16)
+
+
+def test_cpu_flags_reads_this_machines_cpuinfo():
+    assert {"fpu", "sse2"} <= cpu_flags()  # every x86-64 CPU has these; this project's machines are x86-64
 
 
 def test_missing_tensor_is_named(tiny_qwen2, tmp_path):

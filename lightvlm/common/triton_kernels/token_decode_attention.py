@@ -28,10 +28,11 @@ def token_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache
     is_real = torch.arange(longest, device=q.device)[None, :] < lengths[:, None]
     bias = torch.zeros(is_real.shape, device=q.device).masked_fill_(~is_real, float("-inf"))
     q = q.view(batch, kv_heads, heads // kv_heads, dim).transpose(0, 1)  # [kv_heads, B, group, D]
-    # in fp32 whatever the cache's dtype, as the attention kernels of transformers compute it
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * dim**-0.5  # [kv_heads, B, group, L]
-    probs = (scores + bias[None, :, None, :]).softmax(dim=-1)
-    return torch.matmul(probs, v.float()).to(q.dtype).transpose(0, 1).reshape(batch, heads, dim)
+    # matmuls in the cache's dtype (they accumulate in fp32), softmax in fp32, as transformers' eager
+    # attention does: upcasting K and V instead would copy the whole gathered context twice per layer
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * dim**-0.5  # [kv_heads, B, group, L]
+    probs = (scores + bias[None, :, None, :]).softmax(dim=-1).to(v.dtype)
+    return torch.matmul(probs, v).transpose(0, 1).reshape(batch, heads, dim)
 
 
 if triton is not None:
