@@ -167,6 +167,41 @@ def dtype_table(results: dict) -> list[str]:
     return lines
 
 
+def profile_section(results: dict) -> list[str]:
+    if "profile" not in results:  # a saved run from before the profile
+        return []
+    lines = ["## Profile: where the time goes", ""]
+    for dtype, prefix in ((results["dtype"], ""), (results["other_dtype"], f"{results['other_dtype']}_")):
+        rooms = results[f"{prefix}W1"].get("room_cpu_s")
+        if rooms:
+            wall = results[f"{prefix}W1"]["duration_s"]
+            busy = ", ".join(f"{name.removeprefix('lvlm-')} {sec:.1f}" for name, sec in
+                             sorted(rooms.items(), key=lambda kv: -kv[1]) if sec >= 0.05)
+            lines.append(f"- CPU seconds per room in one W1 run, {dtype} ({wall:.1f} s wall, "
+                         f"{sum(rooms.values()) / wall:.2f} cores busy on average): {busy}.")
+    lines += ["", "The language model alone, in-process on both sides (`python -m benchmark.profile`): "
+              "48 text prompts of 300 tokens, 64 output tokens each, our runner against transformers' "
+              "`generate()` as one static batch, torch.profiler self CPU time by operator class; \"Python, "
+              "scheduling\" is the wall time no operator accounts for. The roof: the decoder's matmul FLOPs "
+              "at the GEMM throughput this CPU measured at the model's shapes (prefill: 2048 rows; decode: 48 "
+              "rows).", ""]
+    for dtype, row in results["profile"].items():
+        ours, theirs, roof = row["engine"], row["transformers"], row["roof"]
+        classes = sorted(set(ours["seconds"]) | set(theirs["seconds"]), key=lambda c: -ours["seconds"].get(c, 0))
+        lines += [f"**{dtype}**: roof {roof['roof_s']:.2f} s ({roof['prefill_gflop']:.0f} GFLOP prefill at "
+                  f"{roof['gflops_prefill_shape']:.0f} GFLOPS, {roof['decode_gflop']:.0f} GFLOP decode at "
+                  f"{roof['gflops_decode_shape']:.0f} GFLOPS); lightvlm {ours['wall_s']:.2f} s "
+                  f"({roof['roof_s'] / ours['wall_s']:.0%} of the roof, {ours['output_tokens_per_s']:.0f} tok/s), "
+                  f"transformers {theirs['wall_s']:.2f} s ({roof['roof_s'] / theirs['wall_s']:.0%}, "
+                  f"{theirs['output_tokens_per_s']:.0f} tok/s).", "",
+                  "| operator class | lightvlm (s) | share | transformers (s) | share |", "|---|---|---|---|---|"]
+        for cls in classes:
+            a, b = ours["seconds"].get(cls, 0.0), theirs["seconds"].get(cls, 0.0)
+            lines.append(f"| {cls} | {a:.2f} | {a / ours['wall_s']:.0%} | {b:.2f} | {b / theirs['wall_s']:.0%} |")
+        lines.append("")
+    return lines[:-1]
+
+
 def video_target(results: dict) -> list[str]:
     w6 = results.get("W6")
     if not w6 or w6.get("ttft_hit_s") is None or w6.get("ttft_miss_s") is None:
@@ -244,8 +279,8 @@ def sweep_table(results: dict) -> list[str]:
 
 def write_report(results: dict, markdown: Path, png: Path, analysis: Path) -> None:
     plot(results, png)
-    sections = [header(results), targets(results), dtype_table(results), lightvlm_table(results),
-                baseline_tables(results),
+    sections = [header(results), targets(results), dtype_table(results), profile_section(results),
+                lightvlm_table(results), baseline_tables(results),
                 structured_table(results), sweep_table(results)]
     if analysis.exists():
         sections.append([analysis.read_text().strip()])
