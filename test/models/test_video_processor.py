@@ -214,3 +214,18 @@ def test_models_without_video_say_so(llava_checkpoints, tiny_qwen2):
         assert "takes no videos" in processor.video_refusal and why in processor.video_refusal
         with pytest.raises(ValueError, match="takes no"):
             processor.encode("<video> hi", [], videos=[object()])
+
+
+def test_original_internvl_takes_each_frame_as_one_tile_preprocessed_as_its_images(references, video_fixtures):
+    """OpenGVLab's layout has no video processor: its model card's load_video makes each frame one
+    448-pixel tile with the image preprocessing (bicubic, ImageNet mean and std), and so do we."""
+    processor = LoadedCheckpoint.open(references("original-qwen2")).make_processor()
+    assert processor.video_refusal is None
+    frames = pil_frames(video_fixtures["pan.mp4"], 3)
+    prompt, pixels = encode(processor, video_conversation({"type": "video", "video": frames}))
+    assert len(pixels) == 3 and prompt.input_ids.count(processor.image_token_id) == 3 * processor.tokens_per_tile
+    # the frames path resizes as transformers' video processors do, the image path as its image processor:
+    # both round to 8 bits, so a pixel may differ by one level (1/255 over the smallest std)
+    one_level = 1.001 / 255 / min(processor.tiling.image_std)
+    for frame, tile in zip(frames, pixels):
+        np.testing.assert_allclose(tile, processor.preprocess(frame, (1, 1)), rtol=0, atol=one_level)

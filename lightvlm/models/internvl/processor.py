@@ -137,14 +137,16 @@ def image_settings(model_dir: Path, config: InternVLConfig) -> ImageSettings:
                      "processor_config.json (transformers 5) and for preprocessor_config.json (transformers 4)")
 
 
-def text_parts(message: dict, image_token: str) -> dict:
+def text_parts(message: dict, image_token: str, video_token: str) -> dict:
     """A message with content parts -> the same with one string, each image as `image_token` + newline
     (what transformers' InternVL template writes; the original layout's templates take strings only,
-    and InternVL's chat() puts `<image>` + newline where each image goes)."""
+    and InternVL's chat() puts `<image>` + newline where each image goes), each video as `video_token`
+    + newline (the model card's video prompt: "Frame1: <image>\n..." before the question)."""
     content = message.get("content")
     if not isinstance(content, list):
         return message
-    text = "".join(image_token + "\n" if part.get("type") == "image" else part.get("text", "") for part in content)
+    tokens = {"image": image_token + "\n", "video": video_token + "\n"}
+    text = "".join(tokens.get(part.get("type"), part.get("text", "")) for part in content)
     return {**message, "content": text}
 
 
@@ -206,7 +208,7 @@ class InternVLProcessor(BaseProcessor):
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None,
                             **template_kwargs) -> str:
         if self.layout == "original":
-            messages = [text_parts(m, self.image_token) for m in messages]
+            messages = [text_parts(m, self.image_token, self.video_token) for m in messages]
         return super().apply_chat_template(messages, add_generation_prompt, tools, **template_kwargs)
 
     def image_grid(self, width: int, height: int) -> tuple[int, int]:
