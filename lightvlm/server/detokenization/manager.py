@@ -11,7 +11,7 @@ from lightvlm.common.messaging import Inbox, Outbox, StatsTimer
 from lightvlm.common.process import run_room
 from lightvlm.config import ServerConfig
 from lightvlm.engine.detokenizer import Detokenizer
-from lightvlm.io_struct import DetokReq, RoomStats, StopReq, TextOut, TokenOut
+from lightvlm.io_struct import DetokReq, ReqError, RoomStats, StopReq, TextOut, TokenOut
 from lightvlm.models.checkpoint import LoadedCheckpoint
 
 logger = get_logger(__name__)
@@ -41,6 +41,9 @@ class DetokenizationManager:
                     out = self.handle(message)
                     if out is not None:
                         outputs.append(out)
+                elif isinstance(message, ReqError):  # failed in the router's room: after its last tokens
+                    self.forget(message.req_id)
+                    outputs.append(message)
             if outputs:
                 self.to_http.send(outputs)
 

@@ -108,10 +108,10 @@ class RouterManager:
         self.scheduler.finish(req, status)
         self.release_images(req)
         self.forget(req)
-        if error is not None:
+        if error is not None:  # through detokenization, behind the tokens it has not yet passed on
             logger.error("request %d failed in the model step: %s", req.req_id, error)
-            self.to_http.send(ReqError(req.req_id, 500, f"the model worker failed on this request: {error}"))
-        if tell_detokenization:
+            self.to_detokenization.send(ReqError(req.req_id, 500, f"the model worker failed on this request: {error}"))
+        elif tell_detokenization:
             self.to_detokenization.send(TokenOut(req.req_id, None, finish_reason="abort"))
 
     def forget(self, req: Req) -> None:
