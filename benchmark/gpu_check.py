@@ -36,7 +36,8 @@ def run_step(name: str, command: list[str], env: dict | None = None) -> dict:
     try:
         proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=STEP_TIMEOUT_S,
                               env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
-        ok, output = proc.returncode == 0, proc.stdout + proc.stderr
+        ok = proc.returncode == 0
+        output = proc.stdout if ok else proc.stdout + proc.stderr  # a passing part's stderr is progress bars
     except subprocess.TimeoutExpired as exc:
         ok, output = False, f"timed out after {STEP_TIMEOUT_S}s\n{exc.stdout or ''}"
     return {"name": name, "ok": ok, "seconds": round(time.monotonic() - start, 1), "tail": output[-3000:]}
