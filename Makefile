@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install test serve lint bench clean
+.PHONY: install test serve lint bench gpu-check clean
 
 $(INSTALLED): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ serve: $(INSTALLED)
 bench: $(INSTALLED)
 	$(PY) -m pip install -q -e '.[test,bench]'
 	$(PY) -m benchmark.run_all
+
+# on a CUDA machine: kernels, parity, a short served load, GPU memory -> $(OUT)/report.md (benchmark/gpu_check.py)
+OUT ?= gpu_report
+gpu-check: $(INSTALLED)
+	$(PY) -m benchmark.gpu_check $(OUT)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -6,7 +6,8 @@ which writes this step's K/V into the cache at the step's slots and attends each
 over its whole context gathered from the cache.
 
 Two shapes of request share a step: decode rows (one query each) are attended together by
-`token_decode_attention` (a Triton kernel on CUDA, its torch twin on the CPU); prefill chunks
+`token_decode_attention` (a Triton kernel on CUDA, its torch twin on the CPU, as
+triton_kernels/ops.py selects); prefill chunks
 (several queries) are attended one request at a time, causally, offset by the context already cached.
 
 The buffer is head-major, `[kv_heads, slots, head_dim]` per layer, so that gathering a batch's
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from lightvlm.common.triton_kernels.token_decode_attention import token_decode_attention, token_decode_attention_torch
+from lightvlm.common.triton_kernels.ops import ops_for
 
 
 @dataclass
@@ -65,12 +66,12 @@ class InferState:
     def attention(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [T, heads, D]; k, v: [T, kv_heads, D] -> [T, heads * D]."""
         k_cache, v_cache = self.kv.k[layer_id], self.kv.v[layer_id]
-        k_cache.index_copy_(1, self.out_slots, k.transpose(0, 1))
-        v_cache.index_copy_(1, self.out_slots, v.transpose(0, 1))
+        ops = ops_for(q.device)
+        ops.copy_kv(k, v, k_cache, v_cache, self.out_slots)
         out = torch.empty_like(q)
         if self.decode_rows is not None:
-            attend = token_decode_attention if q.is_cuda else token_decode_attention_torch
-            decoded = attend(q[self.decode_rows], k_cache, v_cache, self.decode_slots, self.decode_lengths)
+            decoded = ops.token_decode_attention(q[self.decode_rows], k_cache, v_cache, self.decode_slots,
+                                                 self.decode_lengths)
             if not self.prefills and decoded.shape[0] == q.shape[0]:  # a decode-only step: no copy
                 return decoded.reshape(decoded.shape[0], -1)
             out[self.decode_rows] = decoded

@@ -51,6 +51,7 @@ def test_kernel_matches_its_twin(case, results):
 
 def test_every_kernel_has_cases():
     """A kernel file added without cases here would go untested."""
-    kernels = {path.stem for path in (REPO / "lightvlm/common/triton_kernels").glob("*.py")} - {"__init__"}
+    kernels = {path.stem for path in (REPO / "lightvlm/common/triton_kernels").glob("*.py")}
+    kernels -= {"__init__", "ops"}  # ops.py is the table that selects them, not a kernel
     checked = {case.name.split("-")[0] for case in triton_check.CASES}
     assert kernels <= checked, f"kernels without interpreter cases: {sorted(kernels - checked)}"
