@@ -5,6 +5,7 @@ read by the InternVL processor) and LOADWORKER (threads reading weight shards).
 """
 
 import argparse
+import json
 import os
 from dataclasses import dataclass, field, replace
 
@@ -82,6 +83,13 @@ class HttpConfig:
     max_video_frames: int = 18_000  # frames one video holds (10 minutes at 30 fps)
     max_video_seconds: float = 600.0
     video_max_pixels: int = 1920 * 1088  # width x height of a frame
+    allow_private_media_urls: bool = False  # media URLs may name loopback/private/link-local addresses
+    allowed_media_domains: tuple[str, ...] = ()  # media URLs may only name these hosts; empty: any
+    allowed_local_media_path: str | None = None  # file:// media URLs below this folder; None: refused
+    limit_mm_per_prompt: tuple[tuple[str, int], ...] = (("image", 32), ("video", 2))  # most items per request
+
+    def mm_limit(self, kind: str) -> int:
+        return dict(self.limit_mm_per_prompt)[kind]
 
 
 @dataclass(frozen=True)
@@ -193,6 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--video_max_pixels", type=int, default=1920 * 1088,
                    help="largest video frame in pixels (width x height), checked before decoding where the "
                         "container says it")
+    g.add_argument("--allow_private_media_urls", action="store_true",
+                   help="let media URLs name loopback, private, link-local and reserved addresses (refused by "
+                        "default, so that clients cannot make the server fetch from its own network)")
+    g.add_argument("--allowed_media_domains", nargs="*", default=[],
+                   help="media URLs may only name these hosts (exact names; default: any public host)")
+    g.add_argument("--allowed_local_media_path", default=None,
+                   help="serve file:// media URLs naming files below this folder (refused without it)")
+    g.add_argument("--limit_mm_per_prompt", default=None,
+                   help='most images and videos one request may carry, as JSON, e.g. \'{"image": 8, "video": 1}\' '
+                        "(default: 32 images, 2 videos); checked before anything is fetched")
     g = p.add_argument_group("cpu")
     g.add_argument("--llm_threads", type=int, default=None,
                    help="torch threads per model worker, always (default: the cores are shared at each step "
@@ -213,6 +231,29 @@ def check_positive(args, *names: str) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             fail(f"--{name} must be >= 1, got {value}")
+
+
+def local_media_path(path: str | None) -> str | None:
+    if path is None:
+        return None
+    if not os.path.isdir(path):
+        fail(f"--allowed_local_media_path {path!r} is not a folder")
+    return os.path.realpath(path)
+
+
+def mm_limits(text: str | None) -> tuple[tuple[str, int], ...]:
+    """--limit_mm_per_prompt's JSON (vLLM's form) -> ((kind, limit), ...), the defaults where it is silent."""
+    limits = dict(HttpConfig.limit_mm_per_prompt)
+    if text is not None:
+        try:
+            given = json.loads(text)
+        except ValueError:
+            fail(f"--limit_mm_per_prompt must be JSON such as '{{\"image\": 8}}', got {text!r}")
+        if not isinstance(given, dict) or not set(given) <= set(limits) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in given.values()):
+            fail(f"--limit_mm_per_prompt takes counts >= 0 for {sorted(limits)}, got {text!r}")
+        limits.update(given)
+    return tuple(limits.items())
 
 
 def parse_config(argv: list[str] | None, model_dir: str, device: str, num_devices: int) -> ServerConfig:
@@ -255,7 +296,11 @@ def parse_config(argv: list[str] | None, model_dir: str, device: str, num_device
                         max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
                         tool_call_parser=args.tool_call_parser,
                         max_video_bytes=args.max_video_bytes, max_video_frames=args.max_video_frames,
-                        max_video_seconds=args.max_video_seconds, video_max_pixels=args.video_max_pixels),
+                        max_video_seconds=args.max_video_seconds, video_max_pixels=args.video_max_pixels,
+                        allow_private_media_urls=args.allow_private_media_urls,
+                        allowed_media_domains=tuple(d.rstrip(".").lower() for d in args.allowed_media_domains),
+                        allowed_local_media_path=local_media_path(args.allowed_local_media_path),
+                        limit_mm_per_prompt=mm_limits(args.limit_mm_per_prompt)),
         cpu=CpuConfig(llm_threads=args.llm_threads, visual_threads=args.visual_threads, cores=os.cpu_count() or 1),
         log_level=args.log_level,
     )

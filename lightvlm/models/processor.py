@@ -25,7 +25,7 @@ import numpy as np
 from jinja2 import nodes
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from PIL import Image
+from PIL import Image, ImageOps
 
 from lightvlm.common.errors import PromptError
 from lightvlm.io_struct import ImageItem
@@ -460,7 +460,8 @@ def split_messages(messages: list[dict]) -> tuple[list[dict], list]:
 
 
 def decode_image(data: bytes) -> Image.Image:
-    """An image file's bytes -> a fully decoded PIL image (the one decode both shells do)."""
+    """An image file's bytes -> a fully decoded PIL image (the one decode both shells do), turned upright
+    as its EXIF orientation says (what transformers' load_image does: a phone photo is not sideways)."""
     image = Image.open(io.BytesIO(data))
     image.load()
-    return image
+    return ImageOps.exif_transpose(image)

@@ -26,7 +26,8 @@ FAULTY_TOKEN = 99
 
 MAIN_ARGS = ["--enable_multimodal", "--max_req_total_len", "2048", "--max_total_token_num", "200000",
              "--running_max_req_size", "64", "--max_body_size", str(3 * 2**20), "--cache_capacity", "16",
-             "--visual_infer_batch_size", "4", "--image_fetch_timeout", "2", "--max_image_pixels", "4000000"]
+             "--visual_infer_batch_size", "4", "--image_fetch_timeout", "2", "--max_image_pixels", "4000000",
+             "--allow_private_media_urls"]  # the image URLs the tests serve are on loopback
 
 
 def start(tmp_path_factory, name, model_dir, *args, env=None) -> Server:

@@ -34,6 +34,8 @@ from lightvlm.server.httpserver.video import LoadedVideo, VideoLoader
 
 logger = get_logger(__name__)
 
+FETCHES_PER_REQUEST = 4  # media URLs one request fetches at a time
+
 HEARTBEAT_TIMEOUT = 10.0  # seconds without a room's stats before /health says 503
 
 
@@ -94,8 +96,10 @@ class HttpServerManager:
         self.max_len = ckpt.context_limit(config.router.max_req_total_len)
         self.sampling_defaults = generation_defaults(config.model.model_dir)
         http = config.http
-        self.media = MediaLoader(MediaLimits(http.image_fetch_timeout, http.max_image_bytes, http.max_image_pixels),
-                                 self.executor)
+        self.media = MediaLoader(MediaLimits(
+            http.image_fetch_timeout, http.max_image_bytes, http.max_image_pixels,
+            allow_private=http.allow_private_media_urls, allowed_domains=http.allowed_media_domains,
+            local_path=http.allowed_local_media_path), self.executor)
         self.videos = VideoLoader(self.media, http, self.processor, self.executor)
         self.metrics = Metrics(config.model.model_name)
         self.added_tokens = dict(self.processor.tokenizer.get_added_vocab())
@@ -141,12 +145,25 @@ class HttpServerManager:
 
     # -- preparing a request -------------------------------------------------------------------
 
+    def check_media_count(self, kind: str, count: int) -> None:
+        """--limit_mm_per_prompt, before anything is fetched."""
+        if count > self.config.http.mm_limit(kind):
+            raise ClientError(f"the request has {count} {kind}s; this server takes at most "
+                              f"{self.config.http.mm_limit(kind)} per request (--limit_mm_per_prompt)")
+
     async def load_images(self, sources: list[tuple[str, str]]) -> list[ImageData]:
-        """(kind, data) pairs -> checked images, fetched concurrently."""
+        """(kind, data) pairs -> checked images, fetched concurrently, a few at a time (so that no
+        request fills the fetch pool all requests share)."""
         if sources and not self.config.visual.enabled:
             raise ClientError("this server was started without --enable_multimodal and accepts no images")
+        self.check_media_count("image", len(sources))
+        gate = asyncio.Semaphore(FETCHES_PER_REQUEST)
+
+        async def load(kind: str, data: str) -> ImageData:
+            async with gate:
+                return await self.media.load(kind, data)
         try:
-            return list(await asyncio.gather(*(self.media.load(kind, data) for kind, data in sources)))
+            return list(await gather_or_cancel(load(kind, data) for kind, data in sources))
         except ImageError as e:
             self.metrics.images_rejected.labels(reason=e.reason).inc()
             raise ClientError(str(e)) from None
@@ -157,8 +174,14 @@ class HttpServerManager:
             raise ClientError("this server was started without --enable_multimodal and accepts no videos")
         if sources and self.processor.video_refusal:
             raise ClientError(self.processor.video_refusal)
+        self.check_media_count("video", len(sources))
+        gate = asyncio.Semaphore(FETCHES_PER_REQUEST)
+
+        async def load(*source) -> LoadedVideo:
+            async with gate:
+                return await self.videos.load(*source)
         try:
-            return list(await gather_or_cancel(self.videos.load(*source) for source in sources))
+            return list(await gather_or_cancel(load(*source) for source in sources))
         except (ImageError, VideoError) as e:
             self.metrics.videos_rejected.labels(reason=e.reason).inc()
             raise ClientError(str(e)) from None
