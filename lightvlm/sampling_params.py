@@ -5,6 +5,7 @@ and the OpenAI API; each face maps its field names onto it in one place. `valida
 ValueError with a message a user can act on.
 """
 
+import math
 from dataclasses import dataclass, field, replace
 
 MAX_INT32 = 2**31 - 1
@@ -13,6 +14,13 @@ MAX_CHOICES = 16  # n / best_of
 MODEL_DEFAULTED = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 MAX_LOGPROBS = 20  # top alternatives per token (OpenAI's and vLLM's limit)
 MAX_LOGIT_BIAS = 100.0  # OpenAI: each bias lies in [-100, 100]
+# Bounds on what one request may ask for, so that no request costs the server much more than others
+MAX_STOP_SEQUENCES = 64
+MAX_STOP_LENGTH = 256  # characters per stop string
+MAX_STOP_TOKEN_IDS = 64
+MAX_LOGIT_BIAS_ENTRIES = 1024
+SEED_RANGE = 2**64  # torch.Generator.manual_seed takes [0, 2**64); for_choice wraps within it
+FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 CONSTRAINT_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
 
 
@@ -53,6 +61,11 @@ class SamplingParams:
 
     def validate(self, vocab_size: int | None = None) -> "SamplingParams":
         """Ranges and types; with `vocab_size`, token ids (logit_bias, allowed_token_ids) are checked too."""
+        for name in FLOAT_FIELDS:
+            # inf passes the one-sided range checks below (NaN fails them all)
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         checks = [
             (isinstance(self.max_new_tokens, int) and 1 <= self.max_new_tokens <= MAX_INT32,
              f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}"),
@@ -67,10 +80,16 @@ class SamplingParams:
             (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
             (-2 <= self.frequency_penalty <= 2,
              f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
-            (self.seed is None or (isinstance(self.seed, int) and -(2**63) <= self.seed < 2**64),
-             f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}"),
+            (self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < SEED_RANGE),
+             f"seed must be an integer in [0, 2**64), got {self.seed!r}"),
+            (len(self.stop_sequences) <= MAX_STOP_SEQUENCES,
+             f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(self.stop_sequences)}"),
             (all(isinstance(s, str) and s for s in self.stop_sequences),
              "stop sequences must be non-empty strings"),
+            (all(not isinstance(s, str) or len(s) <= MAX_STOP_LENGTH for s in self.stop_sequences),
+             f"each stop sequence must be at most {MAX_STOP_LENGTH} characters"),
+            (len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS,
+             f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids, got {len(self.stop_token_ids)}"),
             (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
              "stop_token_ids must be non-negative integers"),
             (isinstance(self.top_logprobs, int) and 0 <= self.top_logprobs <= MAX_LOGPROBS,
@@ -78,6 +97,8 @@ class SamplingParams:
             (self.prompt_logprobs is None or (isinstance(self.prompt_logprobs, int)
                                               and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
              f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs!r}"),
+            (len(self.logit_bias) <= MAX_LOGIT_BIAS_ENTRIES,
+             f"logit_bias may have at most {MAX_LOGIT_BIAS_ENTRIES} entries, got {len(self.logit_bias)}"),
             (all(isinstance(t, int) and t >= 0 for t in self.logit_bias)
              and all(isinstance(b, (int, float)) and -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS
                      for b in self.logit_bias.values()),
@@ -111,10 +132,11 @@ class SamplingParams:
         return cls(**fields)
 
     def for_choice(self, index: int) -> "SamplingParams":
-        """Choice `index` of n: its own seed (seed + index), so that sampled choices differ."""
+        """Choice `index` of n: its own seed (seed + index, wrapped into the seed range), so that
+        sampled choices differ and a seed near 2**64 stays one torch.Generator accepts."""
         if index == 0 or self.seed is None:
             return self
-        return replace(self, seed=self.seed + index)
+        return replace(self, seed=(self.seed + index) % SEED_RANGE)
 
     @property
     def is_greedy(self) -> bool:

@@ -2,14 +2,55 @@
 
 Text is decoded over a short window of recent ids (the prefix-offset method of TGI and vLLM): the
 delta is the window's text minus the text of its earlier part, and nothing is emitted while the
-newest bytes are an incomplete UTF-8 sequence. Stop strings are searched in the text; the text stops
-right before the first match, and text that could still turn out to be the start of a stop string is
-held back, so a stream never shows part of one.
+newest bytes are an incomplete UTF-8 sequence, so text once decoded never changes, it only grows.
+Stop strings are found by an Aho-Corasick automaton that reads each new character once, so the cost
+per token does not grow with the number of stop strings. The text stops right before the match that
+ends first (the longest one where several end at the same character), and text that could still turn
+out to be the start of a stop string is held back, so a stream never shows part of one.
 """
 
 from dataclasses import dataclass, field
 
 REPLACEMENT_CHAR = "\ufffd"
+
+
+class StopMatcher:
+    """Aho-Corasick automaton over one request's stop strings.
+
+    A state is a node of the trie of the stop strings; after some text it stands for the longest
+    suffix of that text that is a prefix of a stop string. Per node: `goto` (trie edges), `fail` (the
+    node of its longest proper suffix that is also in the trie), `match` (length of the longest stop
+    string ending here, 0 if none) and `held` (length of the longest suffix that is a proper prefix of
+    some stop string: the text to hold back).
+    """
+
+    def __init__(self, stops):
+        self.goto: list[dict[str, int]] = [{}]
+        depth, self.match = [0], [0]
+        for stop in stops:
+            node = 0
+            for char in stop:
+                if char not in self.goto[node]:
+                    self.goto[node][char] = len(self.goto)
+                    self.goto.append({})
+                    depth.append(depth[node] + 1)
+                    self.match.append(0)
+                node = self.goto[node][char]
+            self.match[node] = len(stop)
+        self.fail, self.held = [0] * len(self.goto), [0] * len(self.goto)
+        order = list(self.goto[0].values())  # breadth first: a node's fail link is set before it is reached
+        for node in order:
+            suffix = self.fail[node]
+            self.match[node] = self.match[node] or self.match[suffix]
+            self.held[node] = depth[node] if self.goto[node] else self.held[suffix]
+            for char, child in self.goto[node].items():
+                self.fail[child] = self.step(suffix, char)
+                order.append(child)
+
+    def step(self, node: int, char: str) -> int:
+        while node and char not in self.goto[node]:
+            node = self.fail[node]
+        return self.goto[node].get(char, 0)
 
 
 @dataclass
@@ -23,6 +64,12 @@ class DecodeState:
     text: str = ""  # all decoded text so far (stop-string match removed once found)
     emitted: int = 0  # characters of `text` handed out
     stopped: bool = False  # a stop string matched
+    matcher: StopMatcher | None = None  # built from stop_sequences
+    node: int = 0  # matcher state after all of `text`
+
+    def __post_init__(self):
+        if self.stop_sequences and self.matcher is None:
+            self.matcher = StopMatcher(self.stop_sequences)
 
 
 class Detokenizer:
@@ -45,17 +92,21 @@ class Detokenizer:
         if s.stopped:
             return "", True
         s.ids.append(token_id)
-        before = len(s.text)
-        s.text += self._decode_delta(s)
-        if s.stop_sequences and len(s.ids) > s.min_new_tokens:
-            # only matches that end in the new text: a stop string completed while checking was off
-            # (before min_new_tokens) does not count later
-            found = (s.text.find(stop, max(0, before - len(stop) + 1)) for stop in s.stop_sequences)
-            cut = min((i for i in found if i >= 0), default=-1)
-            if cut >= 0:
-                s.text, s.stopped = s.text[:cut], True
+        delta = self._decode_delta(s)
+        if s.matcher is None:
+            s.text += delta
+            return self._take(s, len(s.text)), False
+        # only matches that end in the new text count: one completed while checking was off (before
+        # min_new_tokens) does not stop the request later
+        checking = len(s.ids) > s.min_new_tokens
+        for end, char in enumerate(delta, len(s.text) + 1):
+            s.node = s.matcher.step(s.node, char)
+            if checking and s.matcher.match[s.node]:
+                s.text = (s.text + delta)[:end - s.matcher.match[s.node]]
+                s.stopped = True
                 return self._take(s, len(s.text)), True
-        return self._take(s, len(s.text) - self._held_back(s)), False
+        s.text += delta
+        return self._take(s, len(s.text) - s.matcher.held[s.node]), False
 
     def flush(self, req_id: int) -> str:
         """The request ended: everything not yet shown, incomplete characters included."""
@@ -76,17 +127,6 @@ class Detokenizer:
             s.prefix_offset, s.read_offset = s.read_offset, len(s.ids)
             return full[len(prefix):]
         return ""
-
-    @staticmethod
-    def _held_back(s: DecodeState) -> int:
-        """Length of the longest tail of the text that is a proper prefix of a stop string."""
-        longest = 0
-        for stop in s.stop_sequences:
-            for size in range(min(len(stop) - 1, len(s.text)), longest, -1):
-                if s.text.endswith(stop[:size]):
-                    longest = size
-                    break
-        return longest
 
     @staticmethod
     def _take(s: DecodeState, upto: int) -> str:

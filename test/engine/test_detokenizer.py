@@ -1,6 +1,8 @@
 """Incremental decoding equals a full decode; stop strings cut the text and never show in part."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from lightvlm.engine.detokenizer import Detokenizer
@@ -78,3 +80,98 @@ def test_a_stop_string_completed_before_min_new_tokens_does_not_stop_later(token
     assert [stopped for _, stopped in pushes][-1] is True  # the second "ab" stops
     assert not any(stopped for _, stopped in pushes[:-1])
     assert "".join(text for text, _ in pushes) == "ab cd "
+
+
+class ChunkTokenizer:
+    """Token id i decodes to chunks[i]: lets a test choose exactly how the text arrives."""
+
+    def __init__(self, chunks):
+        self.chunks = chunks
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.chunks[i] for i in ids)
+
+
+def reference_cut(text, stops):
+    """Brute force: the text before the stop string that ends first (the longest if several end there)."""
+    for end in range(1, len(text) + 1):
+        ending = [stop for stop in stops if text.endswith(stop, 0, end)]
+        if ending:
+            return text[:end - max(map(len, ending))]
+    return None
+
+
+def reference_held(text, stops):
+    """Brute force: the longest tail of the text that is a proper prefix of a stop string."""
+    return max((size for stop in stops for size in range(1, len(stop)) if text.endswith(stop[:size])), default=0)
+
+
+def feed(chunks, stops, min_new_tokens=0):
+    detokenizer = Detokenizer(ChunkTokenizer(chunks))
+    detokenizer.add(0, stop_sequences=stops, min_new_tokens=min_new_tokens)
+    shown = ""
+    for i in range(len(chunks)):
+        piece, stopped = detokenizer.push(0, i)
+        shown += piece
+        if stopped:
+            return shown, True, detokenizer
+    return shown, False, detokenizer
+
+
+def test_overlapping_stop_strings_the_one_ending_first_wins():
+    assert feed(["abcd"], ["abcd", "bc"])[:2] == ("a", True)
+    assert feed(["a", "b", "c", "d"], ["abcd", "bc"])[:2] == ("a", True)
+    assert feed(["xabcd"], ["abcd", "bcd"])[:2] == ("x", True)  # both end at "d": the longer one cuts
+
+
+def test_stop_string_split_across_tokens_is_held_back_then_cut():
+    detokenizer = Detokenizer(ChunkTokenizer(["he said ", "ST", "O", "P now"]))
+    detokenizer.add(0, stop_sequences=["STOP"])
+    pushes = [detokenizer.push(0, i) for i in range(4)]
+    assert pushes == [("he said ", False), ("", False), ("", False), ("", True)]
+    assert detokenizer.flush(0) == ""
+
+
+def test_many_stop_strings_are_matched():
+    stops = [f"stop{i:05d}" for i in range(20000)]
+    assert feed(["abc stop1", "2345 rest"], stops)[:2] == ("abc ", True)
+
+
+alphabet = st.text(alphabet="abc", min_size=1, max_size=5)
+
+
+@settings(max_examples=300, deadline=None)
+@given(stops=st.lists(alphabet, min_size=1, max_size=6), chunks=st.lists(st.text(alphabet="abc", max_size=4),
+                                                                          max_size=12))
+def test_stop_matching_equals_brute_force_in_any_chunking(stops, chunks):
+    text = "".join(chunks)
+    shown, stopped, detokenizer = feed(chunks, stops)
+    cut = reference_cut(text, stops)
+    assert stopped == (cut is not None)
+    if stopped:
+        assert shown + detokenizer.flush(0) == cut
+    else:
+        assert shown == text[:len(text) - reference_held(text, stops)]
+        assert shown + detokenizer.flush(0) == text
+
+
+@settings(max_examples=200, deadline=None)
+@given(stops=st.lists(alphabet, min_size=1, max_size=4), chunks=st.lists(st.text(alphabet="abc", max_size=3),
+                                                                          max_size=10),
+       min_new_tokens=st.integers(0, 10))
+def test_min_new_tokens_counts_only_matches_ending_in_later_tokens(stops, chunks, min_new_tokens):
+    shown, stopped, detokenizer = feed(chunks, stops, min_new_tokens)
+    before = "".join(chunks[:min_new_tokens])
+    later = chunks[min_new_tokens:]
+    expected = None
+    for i in range(len(later)):  # the first later token in which a stop string ends, brute force
+        text = before + "".join(later[:i + 1])
+        start = len(text) - len(later[i])
+        ends = [end for end in range(start + 1, len(text) + 1) if any(text.endswith(s, 0, end) for s in stops)]
+        if ends:
+            longest = max(len(s) for s in stops if text.endswith(s, 0, ends[0]))
+            expected = text[:ends[0] - longest]
+            break
+    assert stopped == (expected is not None)
+    if stopped:
+        assert shown + detokenizer.flush(0) == expected
