@@ -1,5 +1,6 @@
-"""What both faces of the httpserver do with a request body: read it as JSON and validate it against a
-pydantic model, with one message per problem that names the field."""
+"""What both faces of the httpserver do with a request body: read it as JSON (nesting bounded, text
+checked for unpaired surrogates) and validate it against a pydantic model, with one message per problem
+that names the field."""
 
 import json
 from typing import Any
@@ -9,13 +10,82 @@ from pydantic import BaseModel, ValidationError
 
 from lightvlm.server.httpserver.manager import ClientError
 
+MAX_JSON_DEPTH = 64  # deeper bodies are refused before json.loads, whose recursion they would exhaust
+_OPEN, _CLOSE, _QUOTE, _BACKSLASH = b"[{", b"]}", ord('"'), ord("\\")
+
+
+def json_depth(body: bytes, limit: int = MAX_JSON_DEPTH) -> int:
+    """The deepest nesting of `[`/`{` outside strings, counted up to limit + 1 (a linear scan)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in body:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == _BACKSLASH:
+                escaped = True
+            elif byte == _QUOTE:
+                in_string = False
+        elif byte == _QUOTE:
+            in_string = True
+        elif byte in _OPEN:
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > limit:
+                    return deepest
+        elif byte in _CLOSE:
+            depth -= 1
+    return deepest
+
+
+def too_deep() -> ClientError:
+    return ClientError(f"the body nests arrays/objects deeper than the limit of {MAX_JSON_DEPTH} levels")
+
+
+def loads(body: bytes) -> Any:
+    """The one parse of a request body: a ClientError (400) for invalid JSON, nesting deeper than
+    MAX_JSON_DEPTH, or text with an unpaired surrogate."""
+    if json_depth(body) > MAX_JSON_DEPTH:
+        raise too_deep()
+    try:
+        data = json.loads(body)
+    except RecursionError:
+        raise too_deep() from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ClientError(f"the body is not valid JSON: {e}") from None
+    check_surrogates(data)
+    return data
+
 
 async def read_json(request: web.Request) -> Any:
     body = await request.read()  # aiohttp raises 413 past client_max_size
-    try:
-        return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ClientError(f"the body is not valid JSON: {e}") from None
+    return loads(body)
+
+
+def _where(path: list) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "the body"
+
+
+def check_surrogates(data: Any, path: list | None = None) -> None:
+    """Refuse any string (value or key) holding a lone UTF-16 surrogate (JSON "\\ud800"): it cannot be
+    encoded as UTF-8, so no tokenizer can take it. Names the field and the character position."""
+    path = [] if path is None else path
+    if isinstance(data, str):
+        for i, ch in enumerate(data):
+            if "\ud800" <= ch <= "\udfff":
+                raise ClientError(f"{_where(path)} contains an unpaired surrogate (U+{ord(ch):04X}) at character "
+                                  f"{i}; send valid Unicode text")
+    elif isinstance(data, dict):
+        for key, value in data.items():
+            check_surrogates(key, [*path, f"<key {key.encode('utf-8', 'replace').decode()!r}>"])
+            check_surrogates(value, [*path, key])
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            check_surrogates(value, [*path, i])
 
 
 def parse(model: type[BaseModel], data: Any) -> BaseModel:
