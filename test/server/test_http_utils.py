@@ -129,3 +129,8 @@ def test_deep_body_is_a_json_400():
     status, _, text = call("/generate", "POST", b"[" * 1000)
     assert status == 400
     assert f"limit of {MAX_JSON_DEPTH}" in json.loads(text)["message"]
+
+
+def test_brackets_inside_strings_do_not_count():
+    text = "[{" * 1000
+    assert loads(json.dumps({"inputs": text, "q": "\\\"[["}).encode()) == {"inputs": text, "q": "\\\"[["}
