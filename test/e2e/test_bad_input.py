@@ -70,6 +70,9 @@ CASES = {
     "huge top_k": ("json", request_with(do_sample=True, top_k=10**20), "top_k must be -1 (off) or an integer"),
     "seed out of range": ("json", request_with(do_sample=True, seed=2**70), "seed must be an integer in"),
     "n too large": ("json", request_with(n=1000), "n and best_of must be between 1 and 16"),
+    "lone surrogate in inputs": ("raw", b'{"inputs": "a\\ud800b", "parameters": {"max_new_tokens": 4}}',
+                                 "inputs contains an unpaired surrogate (U+D800) at character 1"),
+    "JSON nested 100,000 deep": ("raw", b"[" * 100_000, "deeper than the limit of 64 levels"),
     "URL with an impossible host": ("json", request_with([{"type": "url", "data": f"http://{'a' * 70}.com/x.png"}]),
                                     "could not fetch"),
 }
@@ -107,10 +110,53 @@ def test_rejections_are_counted_by_reason(main_server):
     assert 'lightvlm_images_rejected_total{reason="not_an_image"}' in metrics
 
 
+OPENAI_CASES = {
+    "empty messages": ("/v1/chat/completions", {"messages": []}, "messages must not be empty"),
+    "number as a text part": ("/v1/chat/completions",
+                              {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"},
+                                                                         {"type": "text", "text": 5}]}]},
+                              "messages[0].content[1].text must be a string"),
+    "number as content": ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]},
+                          "messages[0].content must be a string or a list of parts"),
+    "lone surrogate in a chat text part": (
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "x\\udc00"}]}]}',
+        "messages[0].content[0].text contains an unpaired surrogate (U+DC00) at character 1"),
+    "lone surrogate in a completion prompt": ("/v1/completions", b'{"prompt": ["ok", "\\ud800"], "max_tokens": 2}',
+                                              "prompt[1] contains an unpaired surrogate"),
+    "JSON nested 100,000 deep": ("/v1/chat/completions", b"{\"a\":" * 100_000, "deeper than the limit of 64"),
+}
+
+
+@pytest.mark.parametrize("case", list(OPENAI_CASES))
+def test_bad_openai_input_gets_400_with_an_openai_error(main_server, case):
+    path, payload, expected = OPENAI_CASES[case]
+    if isinstance(payload, bytes):
+        response = requests.post(main_server.url + path, data=payload, timeout=30)
+    else:
+        response = main_server.post(path, payload)
+    assert response.status_code == 400, (response.status_code, response.text)
+    error = response.json()["error"]
+    assert expected in error["message"], error
+    assert error["code"] == 400 and error["type"] == "invalid_request_error"
+
+
+def test_aiohttp_errors_are_json_on_each_face(main_server):
+    native = requests.get(main_server.url + "/no/such/path", timeout=30)
+    assert native.status_code == 404 and native.json() == {"message": "no route for GET /no/such/path"}
+    openai = requests.post(main_server.url + "/v1/no_such_path", json={}, timeout=30)
+    assert openai.status_code == 404 and openai.json()["error"]["code"] == 404
+    wrong_method = requests.get(main_server.url + "/generate", timeout=30)
+    assert wrong_method.status_code == 405 and "use POST" in wrong_method.json()["message"]
+
+
 def test_server_still_serves_after_bad_input(main_server):
     response = main_server.post("/generate", request_with())
     assert response.status_code == 200 and response.json()["count_output_tokens"] >= 1
     assert wait_for(lambda: main_server.get("/token_load").json()["kv_slots_used"] == 0)
+    chat = main_server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                     "max_tokens": 4})
+    assert chat.status_code == 200, chat.text
 
 
 def test_request_needing_more_cache_than_exists_is_rejected_not_parked(main_server):

@@ -32,6 +32,16 @@ def error_response(request: web.Request, status: int, message: str) -> web.Respo
     return web.json_response(body, status=status)
 
 
+def http_error_message(request: web.Request, error: web.HTTPException) -> str:
+    """aiohttp's own plain-text errors (unknown path, wrong method, ...) as a message that says what to fix."""
+    if isinstance(error, web.HTTPNotFound):
+        return f"no route for {request.method} {request.path}"
+    if isinstance(error, web.HTTPMethodNotAllowed):
+        return f"{request.path} does not take {request.method}; use {', '.join(sorted(error.allowed_methods))}"
+    text = error.text if error.text is not None else ""
+    return text.removeprefix(f"{error.status}: ") or error.reason
+
+
 @web.middleware
 async def errors_as_json(request: web.Request, handler):
     try:
@@ -45,9 +55,9 @@ async def errors_as_json(request: web.Request, handler):
         return error_response(request, 413, f"the request body is larger than the limit of {limit} bytes "
                                             f"(--max_body_size)")
     except web.HTTPException as e:
-        if e.status < 400:
+        if e.status < 400 or e.content_type == "application/json":
             raise
-        return error_response(request, e.status, e.reason if e.text is None else e.text.removeprefix("404: "))
+        return error_response(request, e.status, http_error_message(request, e))
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception as e:  # noqa: BLE001 (a bug: report it, keep serving)

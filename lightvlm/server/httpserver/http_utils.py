@@ -1,7 +1,9 @@
-"""What both faces of the httpserver do with a request body: read it as JSON and validate it against a
-pydantic model, with one message per problem that names the field."""
+"""What both faces of the httpserver do with a request body: read it as JSON (nesting bounded, text
+checked for unpaired surrogates) and validate it against a pydantic model, with one message per problem
+that names the field."""
 
 import json
+import re
 from typing import Any
 
 from aiohttp import web
@@ -9,13 +11,84 @@ from pydantic import BaseModel, ValidationError
 
 from lightvlm.server.httpserver.manager import ClientError
 
+MAX_JSON_DEPTH = 64  # deeper bodies are refused before json.loads, whose recursion they would exhaust
+_STRUCTURE = re.compile(rb'\\.|["\[\]{}]', re.DOTALL)  # an escape (two bytes), a quote or a bracket
+
+
+def json_depth(body: bytes, limit: int = MAX_JSON_DEPTH) -> int:
+    """The deepest nesting of `[`/`{` outside strings, counted up to limit + 1: one linear scan that only
+    stops at quotes, escapes and brackets (a base64 image has none of them, so it costs a regex pass)."""
+    depth = deepest = 0
+    in_string = False
+    for match in _STRUCTURE.finditer(body):
+        token = match.group()
+        if token == b'"':
+            in_string = not in_string
+        elif in_string or len(token) == 2:  # a bracket inside a string, or an escape (\" does not end one)
+            continue
+        elif token in b"[{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > limit:
+                    return deepest
+        else:
+            depth -= 1
+    return deepest
+
+
+def too_deep() -> ClientError:
+    return ClientError(f"the body nests arrays/objects deeper than the limit of {MAX_JSON_DEPTH} levels")
+
+
+def loads(body: bytes) -> Any:
+    """The one parse of a request body: a ClientError (400) for invalid JSON, nesting deeper than
+    MAX_JSON_DEPTH, or text with an unpaired surrogate."""
+    few_brackets = body.count(b"[") + body.count(b"{") <= MAX_JSON_DEPTH  # the common case, at C speed
+    if not few_brackets and json_depth(body) > MAX_JSON_DEPTH:
+        raise too_deep()
+    try:
+        data = json.loads(body)
+    except RecursionError:
+        raise too_deep() from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ClientError(f"the body is not valid JSON: {e}") from None
+    check_surrogates(data)
+    return data
+
 
 async def read_json(request: web.Request) -> Any:
     body = await request.read()  # aiohttp raises 413 past client_max_size
-    try:
-        return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ClientError(f"the body is not valid JSON: {e}") from None
+    return loads(body)
+
+
+def _where(path: list) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "the body"
+
+
+def check_surrogates(data: Any, path: list | None = None) -> None:
+    """Refuse any string (value or key) holding a lone UTF-16 surrogate (JSON "\\ud800"): it cannot be
+    encoded as UTF-8, so no tokenizer can take it. Names the field and the character position."""
+    path = [] if path is None else path
+    if isinstance(data, str):
+        if data.isascii():  # the fast path for base64 images and most text
+            return
+        try:
+            data.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ClientError(f"{_where(path)} contains an unpaired surrogate (U+{ord(data[e.start]):04X}) at "
+                              f"character {e.start}; send valid Unicode text") from None
+    elif isinstance(data, dict):
+        for key, value in data.items():
+            check_surrogates(key, [*path, f"<key {key.encode('utf-8', 'replace').decode()!r}>"])
+            check_surrogates(value, [*path, key])
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            if isinstance(value, (str, list, dict)):  # a long list of token ids costs one pass
+                check_surrogates(value, [*path, i])
 
 
 def parse(model: type[BaseModel], data: Any) -> BaseModel:

@@ -26,6 +26,7 @@ from lightvlm.server.httpserver.openai_protocol import (
     CompletionRequest,
     ModelNotFound,
     ProcessorKwargs,
+    check_messages,
 )
 from lightvlm.server.httpserver.tool_parsers import TOOL_PARSERS
 
@@ -66,7 +67,7 @@ def with_parsed_arguments(call: Any) -> Any:
     if isinstance(function, dict) and isinstance(function.get("arguments"), str):
         try:
             return {**call, "function": {**function, "arguments": json.loads(function["arguments"])}}
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             raise ClientError(f"tool call arguments must be JSON text, got {function['arguments']!r:.80}") from None
     return call
 
@@ -205,6 +206,7 @@ class OpenAIAPI:
         if (req.prompt is None) == (req.messages is None):
             raise ClientError("give either 'prompt' or 'messages'")
         if req.messages is not None:
+            check_messages(req.messages)
             prepared = await self.load_chat(req.messages, add_generation_prompt=req.add_generation_prompt,
                                             tools=req.tools, template_kwargs=req.chat_template_kwargs)
         else:

@@ -256,6 +256,29 @@ class ProcessorKwargs(BaseModel):
     max_pixels: int | None = None
 
 
+def check_messages(messages: list[dict[str, Any]], field: str = "messages") -> None:
+    """What the chat template cannot be trusted to refuse: no messages, and text that is not a string
+    (a number would be rendered by the template). Each message names its field path."""
+    if not messages:
+        raise ClientError(f"{field} must not be empty")
+    for i, message in enumerate(messages):
+        where = f"{field}[{i}]"
+        if not isinstance(message, dict):
+            raise ClientError(f"{where} must be an object with 'role' and 'content', got {type(message).__name__}")
+        if not isinstance(message.get("role"), str):
+            raise ClientError(f"{where}.role must be a string")
+        content = message.get("content")
+        if content is None or isinstance(content, str):
+            continue
+        if not isinstance(content, list):
+            raise ClientError(f"{where}.content must be a string or a list of parts, got {type(content).__name__}")
+        for j, part in enumerate(content):
+            if not isinstance(part, dict):
+                raise ClientError(f"{where}.content[{j}] must be an object with a 'type', got {type(part).__name__}")
+            if part.get("type") == "text" and not isinstance(part.get("text"), str):
+                raise ClientError(f"{where}.content[{j}].text must be a string, got {type(part.get('text')).__name__}")
+
+
 class ChatRequest(SamplingFields):
     messages: list[dict[str, Any]]
     mm_processor_kwargs: ProcessorKwargs | None = None
@@ -275,6 +298,10 @@ class ChatRequest(SamplingFields):
         if echo:
             raise ValueError("echo is not supported on chat completions; use /v1/completions")
         return echo
+
+    def check(self, served_model: str) -> None:
+        super().check(served_model)
+        check_messages(self.messages)
 
     def forced_functions(self) -> list[FunctionDefinition] | None:
         """The functions a call must be made to (`required`: any of them; a named one: that one), or None."""
