@@ -20,8 +20,14 @@ from PIL import Image
 from transformers.image_utils import load_image
 
 from lightvlm.models.processor import decode_image
-from lightvlm.server.httpserver.media import (ImageError, MediaLimits, MediaLoader, check_url, inspect_image,
-                                               is_public_address)
+from lightvlm.server.httpserver.media import (
+    ImageError,
+    MediaLimits,
+    MediaLoader,
+    check_url,
+    inspect_image,
+    is_public_address,
+)
 
 from helpers import IMAGES, image_bytes
 
