@@ -25,7 +25,7 @@ import numpy as np
 from jinja2 import nodes
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from PIL import Image, ImageOps
+from PIL import Image
 
 from lightvlm.common.errors import PromptError
 from lightvlm.io_struct import ImageItem
@@ -395,7 +395,12 @@ class TextProcessor(BaseProcessor):
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB, with any transparency composited onto white (what the HF image processors do)."""
+    """RGB, with any transparency composited onto white (what the HF image processors do). 16-bit
+    grayscale is scaled to 8 bits first (PIL's own conversion clips it, so that a 16-bit PNG would come
+    out all white, in transformers too); CMYK, palettes and animations' first frames are PIL's."""
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        wide = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
+        image = Image.fromarray((wide >> 8).astype(np.uint8))
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -463,5 +468,27 @@ def decode_image(data: bytes) -> Image.Image:
     """An image file's bytes -> a fully decoded PIL image (the one decode both shells do), turned upright
     as its EXIF orientation says (what transformers' load_image does: a phone photo is not sideways)."""
     image = Image.open(io.BytesIO(data))
+    orientation = exif_orientation(image)  # what the header says, as the httpserver read it
     image.load()
-    return ImageOps.exif_transpose(image)
+    method = EXIF_TURNS.get(orientation)
+    return image if method is None else image.transpose(method)
+
+
+EXIF_ORIENTATION = 0x0112
+EXIF_TURNS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}  # as PIL.ImageOps.exif_transpose
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1-8) from the metadata read with the header, without decoding (PIL's
+    getexif would decode a whole PNG to look for it)."""
+    raw = image.info.get("exif")
+    if not raw:
+        return 1
+    exif = Image.Exif()
+    try:
+        exif.load(raw)
+    except Exception:  # noqa: BLE001 (broken metadata: the image as stored)
+        return 1
+    return exif.get(EXIF_ORIENTATION, 1)

@@ -17,9 +17,10 @@ from functools import partial
 import numpy as np
 import pytest
 from PIL import Image
+from transformers.image_transforms import convert_to_rgb
 from transformers.image_utils import load_image
 
-from lightvlm.models.processor import decode_image
+from lightvlm.models.processor import decode_image, to_rgb
 from lightvlm.server.httpserver.media import (
     ImageError,
     MediaLimits,
@@ -27,6 +28,7 @@ from lightvlm.server.httpserver.media import (
     check_url,
     inspect_image,
     is_public_address,
+    refusal,
 )
 
 from helpers import IMAGES, image_bytes
@@ -52,27 +54,35 @@ def limits(**changes) -> MediaLimits:
     return MediaLimits(**{"fetch_timeout": 2.0, "max_bytes": 1 << 20, "max_pixels": 10**7, **changes})
 
 
-@pytest.mark.parametrize("url, message", [
-    ("ftp://127.0.0.1/x.png", r"must be http\(s\)"),
+GENERIC = "^could not fetch the image URL$"
+
+
+@pytest.mark.parametrize("url, message", [("ftp://127.0.0.1/x.png", r"must be http\(s\)"),
+                                          ("http:///x.png", "no host")])
+def test_malformed_urls_say_so(url, message):
+    with pytest.raises(ImageError, match=message):
+        check_url(url, limits())
+
+
+@pytest.mark.parametrize("url, reason", [
     ("http://user:pw@127.0.0.1/x.png", "credentials"),
     ("http://user@localhost/x.png", "credentials"),
-    ("http://127.0.0.1:8000/metrics", "public addresses"),
-    ("http://[::1]:8000/x.png", "public addresses"),
-    ("http://[::ffff:127.0.0.1]/x.png", "public addresses"),
-    ("http:///x.png", "no host"),
+    ("http://127.0.0.1:8000/metrics", "not a global address"),
+    ("http://[::1]:8000/x.png", "not a global address"),
+    ("http://[::ffff:127.0.0.1]/x.png", "not a global address"),
 ])
-def test_urls_the_policy_refuses(url, message):
-    with pytest.raises(ImageError, match=message):
+def test_refused_urls_get_the_generic_answer_and_the_log_the_reason(url, reason):
+    assert reason in refusal(url, limits())
+    with pytest.raises(ImageError, match=GENERIC):
         check_url(url, limits())
 
 
 def test_the_domain_allow_list_is_exact():
     allowed = limits(allow_private=True, allowed_domains=("localhost",))
-    check_url("http://localhost:1/x.png", allowed)
-    check_url("http://LOCALHOST.:1/x.png", allowed)
+    assert refusal("http://localhost:1/x.png", allowed) is None
+    assert refusal("http://LOCALHOST.:1/x.png", allowed) is None
     for url in ("http://127.0.0.1:1/x.png", "http://sub.localhost:1/x.png"):
-        with pytest.raises(ImageError, match="allowed_media_domains"):
-            check_url(url, allowed)
+        assert "allowed_media_domains" in refusal(url, allowed)
 
 
 class Counting(http.server.SimpleHTTPRequestHandler):
@@ -125,7 +135,7 @@ def test_loopback_urls_are_refused_before_connecting(files):
     port = files.server_address[1]
     files.hits.clear()
     for host in ("127.0.0.1", "localhost", "[::1]"):  # localhost goes through the resolver, which filters
-        with pytest.raises(ImageError, match="public addresses"):
+        with pytest.raises(ImageError, match=GENERIC):
             fetch(f"http://{host}:{port}/coffee.jpg")
     assert files.hits == []
 
@@ -139,10 +149,10 @@ def test_private_urls_are_fetched_when_allowed(files):
 def test_at_most_three_redirects_each_checked_again(files):
     base = f"http://127.0.0.1:{files.server_address[1]}"
     assert fetch(f"{base}/redirect/3/coffee.jpg", allow_private=True) == image_bytes("coffee.jpg")
-    with pytest.raises(ImageError, match="^could not fetch the image URL$"):
+    with pytest.raises(ImageError, match=GENERIC):
         fetch(f"{base}/redirect/4/coffee.jpg", allow_private=True)
     files.hits.clear()
-    with pytest.raises(ImageError, match="allowed_media_domains"):  # the hop names a host not on the list
+    with pytest.raises(ImageError, match=GENERIC):  # the hop names a host not on the list
         fetch(f"{base}/to/http://localhost:{files.server_address[1]}/coffee.jpg", allow_private=True,
               allowed_domains=("127.0.0.1",))
     assert files.hits == [f"/to/http://localhost:{files.server_address[1]}/coffee.jpg"]
@@ -176,11 +186,11 @@ def test_file_urls_only_below_the_allowed_folder(tmp_path):
     root = os.path.realpath(inside)
     assert fetch(f"file://{inside}/coffee.jpg", local_path=root) == image_bytes("coffee.jpg")
     for url in (f"file://{inside}/../secret.txt", f"file://{inside}/link.jpg", f"file://{tmp_path}/secret.txt"):
-        with pytest.raises(ImageError, match="below --allowed_local_media_path"):
+        with pytest.raises(ImageError, match=GENERIC):
             fetch(url, local_path=root)
     with pytest.raises(ImageError, match="without --allowed_local_media_path"):
         fetch(f"file://{inside}/coffee.jpg")
-    with pytest.raises(ImageError, match="could not read the image file"):
+    with pytest.raises(ImageError, match=GENERIC):
         fetch(f"file://{inside}/missing.jpg", local_path=root)
 
 
@@ -213,3 +223,40 @@ def test_a_30000_square_png_is_refused_from_its_header():
     data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
     with pytest.raises(ImageError, match="pixels"):
         inspect_image(bytes(data), 40_000_000)
+
+
+def encoded(image: Image.Image, fmt: str, **options) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format=fmt, **options)
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def photo() -> Image.Image:
+    return Image.open(IMAGES / "coffee.jpg").convert("RGB").resize((64, 48))
+
+
+@pytest.mark.parametrize("kind", ["cmyk", "palette with transparency", "animated", "gray with alpha"])
+def test_images_as_users_send_them_match_transformers(photo, kind):
+    """Header size, decode and RGB conversion as transformers' image processors see the file (the
+    first frame of an animation; transparency composited onto white)."""
+    data = {"cmyk": lambda: encoded(photo.convert("CMYK"), "JPEG"),
+            "palette with transparency": lambda: encoded(photo.convert("P", palette=Image.ADAPTIVE, colors=16),
+                                                         "PNG", transparency=3),
+            "animated": lambda: encoded(photo, "GIF", save_all=True, append_images=[photo.rotate(90)],
+                                        duration=100, loop=0),
+            "gray with alpha": lambda: encoded(photo.convert("LA"), "PNG")}[kind]()
+    header = inspect_image(data, 10**6)
+    ours = np.asarray(to_rgb(decode_image(data)))
+    reference = convert_to_rgb(Image.open(io.BytesIO(data)), return_numpy=True)
+    assert (header.width, header.height) == (64, 48) and ours.shape == (48, 64, 3)
+    np.testing.assert_array_equal(ours, reference)
+
+
+def test_a_16_bit_png_is_scaled_not_clipped(photo):
+    gray = np.asarray(photo.convert("L")).astype(np.uint16) * 257 + 128  # 8-bit values, spread to 16 bits
+    data = encoded(Image.fromarray(gray), "PNG")
+    assert Image.open(io.BytesIO(data)).mode.startswith("I")
+    ours = np.asarray(to_rgb(decode_image(data)))
+    np.testing.assert_array_equal(ours, np.repeat((gray >> 8)[..., None], 3, axis=2).astype(np.uint8))
+    assert ours.std() > 10  # PIL's own conversion would give all 255

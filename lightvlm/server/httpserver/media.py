@@ -31,13 +31,13 @@ from PIL import Image
 
 from lightvlm.common.identity import content_digest
 from lightvlm.common.logging import get_logger
+from lightvlm.models.processor import exif_orientation
 
 logger = get_logger(__name__)
 
 MAX_REDIRECTS = 3
 REDIRECTS = (301, 302, 303, 307, 308)
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
-EXIF_ORIENTATION = 0x0112  # 5-8: the stored image is turned a quarter, width and height swap
 
 
 class ImageError(ValueError):
@@ -110,26 +110,36 @@ class PublicResolver(AbstractResolver):
         await self.inner.close()
 
 
+def fetch_failed(what: str, reason: str = "fetch_failed") -> ImageError:
+    """The one answer for a URL that was refused or could not be fetched (the server log says which)."""
+    return ImageError(f"could not fetch the {what} URL", reason)
+
+
+def refusal(url: str, limits: MediaLimits) -> str | None:
+    """Why the policy refuses a well-formed http(s) URL (decided from the URL alone), or None."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").rstrip(".").lower()
+    if parts.username is not None or parts.password is not None:
+        return "the URL carries credentials"
+    if limits.allowed_domains and host not in limits.allowed_domains:
+        return f"{host!r} is not in --allowed_media_domains"
+    if not limits.allow_private and is_ip_literal(host) and not is_public_address(host):
+        return f"{host} is not a global address (--allow_private_media_urls allows it)"
+    return None
+
+
 def check_url(url: str, limits: MediaLimits, what: str = "image") -> None:
-    """Refuse, with the reason, a URL the policy does not allow (decided from the URL alone)."""
+    """Refuse a URL the policy does not allow: a malformed one says so, a refused one gets the answer
+    every fetch failure gets."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
         raise ImageError(f"{what} URLs must be http(s) or data: URLs, got {url[:80]!r}", "bad_url")
-    if parts.username is not None or parts.password is not None:
-        raise ImageError(f"{what} URLs must not carry credentials (user:password@)", "url_refused")
-    host = (parts.hostname or "").rstrip(".").lower()
-    if not host:
+    if not parts.hostname:
         raise ImageError(f"{what} URL has no host: {url[:80]!r}", "bad_url")
-    if limits.allowed_domains and host not in limits.allowed_domains:
-        raise ImageError(f"{what} URLs may only name the hosts in --allowed_media_domains; {host!r} is not one",
-                         "url_refused")
-    if not limits.allow_private and is_ip_literal(host) and not is_public_address(host):
-        raise ImageError(refused_address(what), "url_refused")
-
-
-def refused_address(what: str) -> str:
-    return (f"{what} URLs must point to public addresses (this server refuses loopback, private, link-local "
-            "and reserved ones unless started with --allow_private_media_urls)")
+    reason = refusal(url, limits)
+    if reason is not None:
+        logger.warning("refused %s: %s", url[:200], reason)
+        raise fetch_failed(what, "url_refused")
 
 
 def read_local(url: str, root: str | None, cap: int, what: str) -> bytes:
@@ -139,17 +149,16 @@ def read_local(url: str, root: str | None, cap: int, what: str) -> bytes:
                          "--allowed_local_media_path)", "url_refused")
     parts = urlsplit(url)
     path = os.path.realpath(unquote(parts.path))
-    if parts.netloc not in ("", "localhost") or os.path.commonpath([path, root]) != root:
-        raise ImageError(f"file:// {what} URLs must name a file below --allowed_local_media_path",
-                         "url_refused")
     try:
+        if parts.netloc not in ("", "localhost") or os.path.commonpath([path, root]) != root:
+            raise OSError("not below --allowed_local_media_path")
         with open(path, "rb") as f:
             if not os.path.isfile(path) or os.fstat(f.fileno()).st_size > cap:
-                raise OSError(f"{path} is not a regular file of at most {cap} bytes")
+                raise OSError(f"not a regular file of at most {cap} bytes")
             return f.read()
     except OSError as e:
-        logger.warning("reading %s failed: %s", path, e)
-        raise ImageError(f"could not read the {what} file", "fetch_failed") from None
+        logger.warning("reading %s (%s) failed: %s", url[:200], path, e)
+        raise fetch_failed(what) from None
 
 
 class FetchFailed(Exception):
@@ -192,12 +201,12 @@ class MediaLoader:
         except aiohttp.ClientConnectorError as e:
             if isinstance(e.os_error, AddressRefused):
                 logger.warning("refused %s: %s", url[:200], e.os_error)
-                raise ImageError(refused_address(what), "url_refused") from None
+                raise fetch_failed(what, "url_refused") from None
             detail = e
         except (FetchFailed, aiohttp.ClientError, TimeoutError, OSError, ValueError) as e:  # ValueError: bad URLs
             detail = e
         logger.warning("fetching %s failed: %s %s", url[:200], type(detail).__name__, detail)
-        raise ImageError(f"could not fetch the {what} URL", "fetch_failed")
+        raise fetch_failed(what)
 
     async def _follow(self, url: str, cap: int, what: str) -> bytes:
         for _ in range(MAX_REDIRECTS + 1):
@@ -240,7 +249,8 @@ def decode_base64(data: str, max_bytes: int, what: str = "image") -> bytes:
 
 def inspect_image(raw: bytes, max_pixels: int) -> ImageData:
     """Check the header (a known format, a size within the limit); nothing is decoded here. The size
-    is the one the model sees: turned as the EXIF orientation says (as the decode does)."""
+    is the one the model sees: turned as the EXIF orientation says (as the decode does; 5-8 turn it a
+    quarter, so width and height swap)."""
     if not raw:
         raise ImageError("image data is empty", "not_an_image")
     try:
@@ -248,7 +258,7 @@ def inspect_image(raw: bytes, max_pixels: int) -> ImageData:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(raw))  # reads the header only
             width, height = image.size
-            if image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8):
+            if exif_orientation(image) in (5, 6, 7, 8):
                 width, height = height, width
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError(f"image has too many pixels; the limit is {max_pixels}", "too_many_pixels") from None
