@@ -44,7 +44,8 @@ class Launcher:
         self.rooms = Rooms()
         self.stopping = False
         self.hurry = False  # a second signal: end the drain now
-        self.told_down = False  # the httpserver knows a room died
+        self.told_down = False  # the httpserver was told to fail everything now
+        self.room_died = False  # while draining: the exit code is then 1
 
     def start(self) -> None:
         config, visual, rooms = self.config, self.config.visual, self.rooms
@@ -97,6 +98,8 @@ class Launcher:
             dead = next(((n, p.exitcode) for n, p in self.rooms.children if n != "httpserver" and not p.is_alive()),
                         None)
             if dead is not None:
+                logger.error("%s exited with code %s while the httpserver drained", *dead)
+                self.room_died = True
                 self.tell_down(f"the {dead[0]} room exited with code {dead[1]}")
             elif self.hurry:
                 self.tell_down("the server was asked to stop at once")
@@ -149,4 +152,4 @@ def launch(config: ServerConfig) -> int:
         code = 0
     finally:
         launcher.stop(drain)
-    return code
+    return 1 if launcher.room_died else code
