@@ -166,14 +166,15 @@ def room_pid(server: Server, room: str) -> int:
     raise AssertionError(f"no {room} among {server.descendants}")
 
 
-def test_a_killed_model_worker_fails_every_request_and_stops_the_server(tmp_path_factory, tiny_qwen2):
-    server = start(tmp_path_factory, "worker-killed", tiny_qwen2, *ARGS)
+@pytest.mark.parametrize("room", ["worker0", "router"])
+def test_a_killed_room_fails_every_request_and_stops_the_server(tmp_path_factory, tiny_qwen2, room):
+    server = start(tmp_path_factory, f"{room}-killed", tiny_qwen2, *ARGS)
     folder = ipc_dir(server)
     calls = [(native_stream, LONG), (openai_stream, LONG), (native_whole, LONG), (openai_whole, LONG)]
     load = InFlight(server, calls)
     time.sleep(1.5)
     killed_at = time.monotonic()
-    os.kill(room_pid(server, "worker0"), signal.SIGKILL)
+    os.kill(room_pid(server, room), signal.SIGKILL)
     statuses = []
 
     def poll_health():
