@@ -131,6 +131,7 @@ class ServerConfig:
     cpu: CpuConfig = field(default_factory=CpuConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     log_level: str = "info"
+    graceful_shutdown_timeout: float = 30.0  # seconds running requests get to finish after SIGTERM
 
     def with_runtime(self, runtime: RuntimeConfig) -> "ServerConfig":
         return replace(self, runtime=runtime)
@@ -219,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--visual_threads", type=int, default=None,
                    help="torch threads per vision-encoder worker, always (default: shared as above)")
     p.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--graceful_shutdown_timeout", type=float, default=30.0,
+                   help="on SIGTERM/SIGINT, seconds running requests get to finish before they are ended with "
+                        "an error (new requests get 503 at once)")
     return p
 
 
@@ -266,6 +270,9 @@ def parse_config(argv: list[str] | None, model_dir: str, device: str, num_device
                    "min_pixels", "max_pixels", "max_video_bytes", "max_video_frames", "video_max_pixels")
     if args.max_video_seconds <= 0:
         fail(f"--max_video_seconds must be > 0, got {args.max_video_seconds}")
+    if not 0 <= args.graceful_shutdown_timeout < float("inf"):
+        fail(f"--graceful_shutdown_timeout must be a finite number of seconds >= 0, "
+             f"got {args.graceful_shutdown_timeout}")
     if args.min_pixels is not None and args.max_pixels is not None and args.min_pixels > args.max_pixels:
         fail(f"--min_pixels {args.min_pixels} is above --max_pixels {args.max_pixels}")
     if not 0 < args.mem_fraction <= 1:
@@ -303,4 +310,5 @@ def parse_config(argv: list[str] | None, model_dir: str, device: str, num_device
                         limit_mm_per_prompt=mm_limits(args.limit_mm_per_prompt)),
         cpu=CpuConfig(llm_threads=args.llm_threads, visual_threads=args.visual_threads, cores=os.cpu_count() or 1),
         log_level=args.log_level,
+        graceful_shutdown_timeout=args.graceful_shutdown_timeout,
     )

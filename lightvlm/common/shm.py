@@ -6,7 +6,9 @@ them to) through `unlink`. Python 3.11's resource tracker would unlink a segment
 touched it exits, so no segment is left registered with it: both `create` and `attach` unregister.
 (Rooms started with the spawn context share one tracker, so a register from one process and an
 unregister from another must balance; they do, because every process unregisters what it registered.)
-The launcher sweeps whatever carries the instance prefix when the server stops.
+The launcher sweeps whatever carries the instance prefix when the server stops. An instance's name
+starts with its launcher's pid (`instance_name`), so that the next start can sweep the segments of an
+instance whose launcher was killed (`sweep_dead_instances`).
 
 Embedding rows and video frames are stored raw behind a small header (magic, dtype code, rank, shape),
 never pickled; bfloat16 travels as its uint16 bits. A media segment (what the httpserver hands the
@@ -14,7 +16,10 @@ visualserver for one ImageItem) holds an image file's bytes or, behind the frame
 decoded frames; no image format starts with that magic, and images are checked before they get here.
 """
 
+import os
+import re
 import struct
+import uuid
 from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
 
@@ -59,6 +64,41 @@ def sweep(prefix: str) -> list[str]:
             removed.append(path.name)
         except FileNotFoundError:
             pass
+    return removed
+
+
+INSTANCE_PID = re.compile(r"(\d+)x[0-9a-f]+")  # an instance name: the owner's pid, "x", a random tail
+
+
+def instance_name() -> str:
+    """A new instance's name: this process's pid and a random tail (so that a reused pid differs)."""
+    return f"{os.getpid()}x{uuid.uuid4().hex[:6]}"
+
+
+def is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def instance_is_dead(instance: str) -> bool:
+    """Whether `instance` names an instance whose owner process is gone."""
+    match = INSTANCE_PID.fullmatch(instance)
+    return match is not None and not is_alive(int(match.group(1)))
+
+
+def sweep_dead_instances() -> list[str]:
+    """Unlink the segments of every instance whose owner is gone (a launcher killed with SIGKILL)."""
+    stale = re.compile(r"lvlm([0-9a-fx]+)_")
+    removed = []
+    for path in SHM_DIR.glob("lvlm*_*"):
+        match = stale.match(path.name)
+        if match and instance_is_dead(match.group(1)):
+            removed += sweep(path.name)
     return removed
 
 

@@ -12,8 +12,8 @@ import multiprocessing.connection
 import shutil
 import tempfile
 import time
-import uuid
 from dataclasses import replace
+from pathlib import Path
 
 from lightvlm.common import shm
 from lightvlm.common.cpu_share import CpuShare
@@ -77,30 +77,50 @@ class Rooms:
     def first_dead(self) -> tuple[str, int] | None:
         return next(((name, p.exitcode) for name, p in self.children if not p.is_alive()), None)
 
-    def stop(self, grace_seconds: float) -> None:
-        """SIGTERM everyone (the last started first), then SIGKILL whoever is left after the grace period."""
-        for _, process in reversed(self.children):
-            if process.is_alive():
-                process.terminate()
-        deadline = time.monotonic() + grace_seconds
-        for _, process in self.children:
-            process.join(max(0.0, deadline - time.monotonic()))
-        for name, process in self.children:
-            if process.is_alive():
-                logger.warning("%s did not stop in %.0f s; killing it", name, grace_seconds)
-                process.kill()
-                process.join(1.0)
+    def stop(self, grace_seconds: float, last: mp.Process | None = None) -> None:
+        """SIGTERM everyone (the last started first), then SIGKILL whoever is left after the grace period;
+        `last` (the httpserver answering 503 meanwhile) only once all the others are gone."""
+        first = [(name, p) for name, p in self.children if p is not last]
+        for group in (first, [(name, p) for name, p in self.children if p is last]):
+            for _, process in reversed(group):
+                if process.is_alive():
+                    process.terminate()
+            deadline = time.monotonic() + grace_seconds
+            for _, process in group:
+                process.join(max(0.0, deadline - time.monotonic()))
+            for name, process in group:
+                if process.is_alive():
+                    logger.warning("%s did not stop in %.0f s; killing it", name, grace_seconds)
+                    process.kill()
+                    process.join(1.0)
+
+
+IPC_DIR_PREFIX = "lightvlm-"  # + the instance name + "-" + a random tail, in the temp folder
+
+
+def remove_dead_instances() -> None:
+    """What instances whose owner was killed (SIGKILL: no `close`) left: segments and IPC folders."""
+    removed = shm.sweep_dead_instances()
+    for folder in Path(tempfile.gettempdir()).glob(f"{IPC_DIR_PREFIX}*-*"):
+        instance = folder.name.removeprefix(IPC_DIR_PREFIX).split("-")[0]
+        if folder.is_dir() and shm.instance_is_dead(instance):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder.name)
+    if removed:
+        logger.info("removed what dead instances left: %s", ", ".join(sorted(removed)))
 
 
 class Instance:
     """Resources of one instance outside its processes; `close` removes them all."""
 
     def __init__(self, config: ServerConfig, num_compute_processes: int):
+        remove_dead_instances()
         visual = config.visual.num_encoder_workers
         ports = free_ports(config.model.tp + visual + 1 + config.visual.dp)
+        instance = shm.instance_name()
         runtime = RuntimeConfig(
-            instance=uuid.uuid4().hex[:8],
-            ipc_dir=tempfile.mkdtemp(prefix="lightvlm-"),
+            instance=instance,
+            ipc_dir=tempfile.mkdtemp(prefix=f"{IPC_DIR_PREFIX}{instance}-"),
             worker_ports=tuple(ports[:config.model.tp]),
             visual_ports=tuple(ports[config.model.tp:config.model.tp + visual]),
             dist_port=ports[config.model.tp + visual],

@@ -32,7 +32,8 @@ def test_help_explains_every_flag():
     for flag in ("--host", "--port", "--model_dir", "--model_name", "--tp", "--data_type", "--mem_fraction",
                  "--max_total_token_num", "--max_req_total_len", "--batch_max_tokens", "--running_max_req_size",
                  "--trust_remote_code", "--enable_multimodal", "--visual_infer_batch_size", "--cache_capacity",
-                 "--visual_dp", "--visual_tp", "--max_body_size", "--llm_threads", "--visual_threads"):
+                 "--visual_dp", "--visual_tp", "--max_body_size", "--llm_threads", "--visual_threads",
+                 "--graceful_shutdown_timeout"):
         assert flag in out, flag
 
 

@@ -12,6 +12,7 @@ from aiohttp import web
 from lightvlm.common.logging import get_logger
 from lightvlm.common.process import run_room
 from lightvlm.config import ServerConfig
+from lightvlm.server.httpserver.lifecycle import Lifecycle
 from lightvlm.server.httpserver.manager import ClientError, HttpServerManager, RequestFailed
 from lightvlm.server.httpserver.native_api import NativeAPI
 from lightvlm.server.httpserver.openai_api import OpenAIAPI
@@ -101,10 +102,12 @@ def cors(origins: tuple[str, ...]):
     return allow
 
 
-def build_app(manager: HttpServerManager) -> web.Application:
+def build_app(manager: HttpServerManager, lifecycle: Lifecycle | None = None) -> web.Application:
     config = manager.config
     middlewares = [cors(config.http.allow_origins)] if config.http.allow_origins else []
     middlewares.append(errors_as_json)
+    if lifecycle is not None:
+        middlewares.append(lifecycle.middleware)
     if config.http.api_key:
         middlewares.append(api_key_check(config.http.api_key))
     app = web.Application(client_max_size=config.http.max_body_size, middlewares=middlewares)
@@ -112,6 +115,9 @@ def build_app(manager: HttpServerManager) -> web.Application:
     OpenAIAPI(manager).add_routes(app)
 
     async def health(request):
+        stopping = lifecycle.health() if lifecycle is not None else None
+        if stopping is not None:
+            return web.json_response({"message": stopping}, status=503)
         down = manager.unhealthy_rooms()
         if down:
             return web.json_response({"message": f"not answering: {', '.join(down)}"}, status=503)
@@ -145,7 +151,9 @@ def start_httpserver_process(config: ServerConfig, pipe) -> None:
         loop = uvloop.new_event_loop()
         asyncio.set_event_loop(loop)
         manager = HttpServerManager(config)
-        runner = web.AppRunner(build_app(manager), handler_cancellation=True, access_log=None)
+        lifecycle = Lifecycle(manager, config.graceful_shutdown_timeout, config.runtime.ipc_dir, error_response)
+        lifecycle.install(loop)
+        runner = web.AppRunner(build_app(manager, lifecycle), handler_cancellation=True, access_log=None)
         loop.run_until_complete(runner.setup())
         loop.run_until_complete(web.TCPSite(runner, config.http.host, config.http.port).start())
         logger.info("listening on http://%s:%d", config.http.host, config.http.port)

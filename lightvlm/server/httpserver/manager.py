@@ -115,6 +115,7 @@ class HttpServerManager:
         self.inbox = self.context.socket(zmq.PULL)
         self.inbox.bind(config.runtime.endpoint("httpserver"))
         self.receiver: asyncio.Task | None = None
+        self.refusal: str | None = None  # set by fail_all: why a request that reaches submit is a 503
 
     async def start(self) -> None:
         self.receiver = asyncio.create_task(self.receive_loop())
@@ -279,6 +280,8 @@ class HttpServerManager:
     # -- running it ----------------------------------------------------------------------------
 
     async def submit(self, prepared: Prepared, params: SamplingParams) -> RequestState:
+        if self.refusal is not None:
+            raise RequestFailed(503, self.refusal)
         state = RequestState(next(self.ids), len(prepared.prompt_ids))
         self.states[state.req_id] = state
         items = []
@@ -347,6 +350,13 @@ class HttpServerManager:
         self.states.pop(state.req_id, None)
         await self.outbox.send_pyobj(AbortReq(state.req_id))
         self.metrics.finish(state, "abort")
+
+    def fail_all(self, status: int, message: str) -> None:
+        """End every submitted request with `message` (the server is stopping) and refuse new ones; each
+        face answers the ReqError in its own format (the launcher stops the other rooms right after)."""
+        self.refusal = message
+        for state in list(self.states.values()):
+            state.queue.put_nowait(ReqError(state.req_id, status, message))
 
     async def receive_loop(self) -> None:
         while True:
