@@ -12,9 +12,11 @@ from aiohttp import web
 from lightvlm.common.logging import get_logger
 from lightvlm.common.process import run_room
 from lightvlm.config import ServerConfig
+from lightvlm.server.httpserver.http_utils import BODY_TIMEOUT
 from lightvlm.server.httpserver.manager import ClientError, HttpServerManager, RequestFailed
 from lightvlm.server.httpserver.native_api import NativeAPI
 from lightvlm.server.httpserver.openai_api import OpenAIAPI
+from lightvlm.server.httpserver.slow_clients import GuardedSite
 
 logger = get_logger(__name__)
 
@@ -25,7 +27,8 @@ OPENAI_SHAPED = ("/v1/", "/tokenize", "/detokenize")  # routes that answer error
 def error_response(request: web.Request, status: int, message: str) -> web.Response:
     if request.path.startswith(OPENAI_SHAPED):
         kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                413: "invalid_request_error", 503: "service_unavailable"}.get(status, "server_error")
+                408: "invalid_request_error", 413: "invalid_request_error",
+                503: "service_unavailable"}.get(status, "server_error")
         body = {"error": {"message": message, "type": kind, "code": status}}
     else:
         body = {"message": message}
@@ -108,6 +111,7 @@ def build_app(manager: HttpServerManager) -> web.Application:
     if config.http.api_key:
         middlewares.append(api_key_check(config.http.api_key))
     app = web.Application(client_max_size=config.http.max_body_size, middlewares=middlewares)
+    app[BODY_TIMEOUT] = config.http.body_timeout
     NativeAPI(manager).add_routes(app)
     OpenAIAPI(manager).add_routes(app)
 
@@ -145,9 +149,12 @@ def start_httpserver_process(config: ServerConfig, pipe) -> None:
         loop = uvloop.new_event_loop()
         asyncio.set_event_loop(loop)
         manager = HttpServerManager(config)
-        runner = web.AppRunner(build_app(manager), handler_cancellation=True, access_log=None)
+        runner = web.AppRunner(build_app(manager), handler_cancellation=True, access_log=None,
+                               keepalive_timeout=config.http.keep_alive_timeout)
         loop.run_until_complete(runner.setup())
-        loop.run_until_complete(web.TCPSite(runner, config.http.host, config.http.port).start())
+        site = GuardedSite(runner, config.http.host, config.http.port, header_timeout=config.http.header_timeout,
+                           max_connections=config.http.max_connections)
+        loop.run_until_complete(site.start())
         logger.info("listening on http://%s:%d", config.http.host, config.http.port)
 
         def serve():
