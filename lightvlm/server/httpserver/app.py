@@ -9,6 +9,7 @@ import asyncio
 import uvloop
 from aiohttp import web
 
+import lightvlm
 from lightvlm.common.logging import get_logger
 from lightvlm.common.process import run_room
 from lightvlm.config import ServerConfig
@@ -16,6 +17,7 @@ from lightvlm.server.httpserver.http_utils import BODY_TIMEOUT
 from lightvlm.server.httpserver.manager import ClientError, HttpServerManager, RequestFailed
 from lightvlm.server.httpserver.native_api import NativeAPI
 from lightvlm.server.httpserver.openai_api import OpenAIAPI
+from lightvlm.server.httpserver.openapi import openapi_document
 from lightvlm.server.httpserver.slow_clients import GuardedSite
 
 logger = get_logger(__name__)
@@ -68,7 +70,7 @@ async def errors_as_json(request: web.Request, handler):
         return error_response(request, 500, f"internal error in the httpserver: {type(e).__name__}: {e}")
 
 
-OPEN_PATHS = ("/health", "/liveness", "/readiness", "/metrics")  # probes answer without the API key
+OPEN_PATHS = ("/health", "/liveness", "/readiness", "/metrics", "/openapi.json")  # probes answer without the API key
 
 
 def api_key_check(api_key: str):
@@ -131,6 +133,8 @@ def build_app(manager: HttpServerManager) -> web.Application:
     app.router.add_get("/readiness", health)
     app.router.add_get("/liveness", liveness)
     app.router.add_get("/metrics", metrics)
+    document = openapi_document("lightvlm", lightvlm.__version__)
+    app.router.add_get("/openapi.json", lambda request: web.json_response(document))
     manager.metrics.watch_rooms(lambda: manager.room_reports)
 
     async def on_startup(app):
