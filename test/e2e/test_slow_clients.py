@@ -14,6 +14,7 @@ from conftest import start, stop_and_check
 HEADER_TIMEOUT = 3.0
 BODY_TIMEOUT = 2.0
 MAX_CONNECTIONS = 220
+KEEP_ALIVE_TIMEOUT = 5.0
 SLACK = 3.0  # two slow shared cores: how late a timer may fire and a close reach the client
 
 
@@ -22,7 +23,7 @@ def server(tmp_path_factory, tiny_qwen2):
     server = start(tmp_path_factory, "slow-clients", tiny_qwen2, "--max_req_total_len", "2048",
                    "--max_total_token_num", "16384", "--max_body_size", str(2**20),
                    "--http_header_timeout", str(HEADER_TIMEOUT), "--http_body_timeout", str(BODY_TIMEOUT),
-                   "--max_connections", str(MAX_CONNECTIONS), "--keep_alive_timeout", "5")
+                   "--max_connections", str(MAX_CONNECTIONS), "--keep_alive_timeout", str(KEEP_ALIVE_TIMEOUT))
     yield server
     stop_and_check(server)
 
@@ -126,3 +127,15 @@ def test_connections_over_the_cap_are_refused_while_the_open_ones_work(server):
             sock.close()
     time.sleep(0.5)  # the server sees the closes
     assert server.get("/health").status_code == 200  # a new connection is admitted again
+
+
+@pytest.mark.parametrize("next_request", [b"", b"GET /health HTTP/1.1\r\nHost: 127.0"], ids=["idle", "half-sent"])
+def test_a_kept_alive_connection_is_closed_after_the_keep_alive_timeout(server, next_request):
+    sock = connect(server)
+    assert health_over(sock) == 200
+    sock.sendall(next_request)
+    answered = time.monotonic()
+    sock.settimeout(KEEP_ALIVE_TIMEOUT + SLACK)
+    assert is_closed(sock)
+    assert KEEP_ALIVE_TIMEOUT - 0.5 <= time.monotonic() - answered <= KEEP_ALIVE_TIMEOUT + SLACK
+    sock.close()
