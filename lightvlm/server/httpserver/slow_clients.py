@@ -17,7 +17,7 @@ from lightvlm.common.logging import get_logger
 
 logger = get_logger(__name__)
 
-HEADERS_END = b"\r\n\r\n"
+HEADERS_END = (b"\r\n\r\n", b"\n\n")  # a blank line; some clients end lines with LF alone
 
 
 def refusal(message: str) -> bytes:
@@ -68,7 +68,7 @@ class GuardedConnection(asyncio.Protocol):
 
     def headers_too_slow(self) -> None:
         self.deadline = None
-        logger.info("closing a connection whose request headers took over %.1f s (--http_header_timeout)",
+        logger.debug("closing a connection whose request headers took over %.1f s (--http_header_timeout)",
                     self.guard.header_timeout)
         self.transport.close()
 
@@ -77,12 +77,12 @@ class GuardedConnection(asyncio.Protocol):
             return
         if self.deadline is not None:
             seen = self.tail + data
-            if HEADERS_END in seen:
+            if any(end in seen for end in HEADERS_END):
                 self.deadline.cancel()
                 self.deadline = None
                 self.tail = b""
             else:
-                self.tail = seen[-(len(HEADERS_END) - 1):]
+                self.tail = seen[-3:]  # enough to complete either end with the next chunk
         self.handler.data_received(data)
 
     def eof_received(self):
