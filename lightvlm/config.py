@@ -87,6 +87,10 @@ class HttpConfig:
     allowed_media_domains: tuple[str, ...] = ()  # media URLs may only name these hosts; empty: any
     allowed_local_media_path: str | None = None  # file:// media URLs below this folder; None: refused
     limit_mm_per_prompt: tuple[tuple[str, int], ...] = (("image", 32), ("video", 2))  # most items per request
+    header_timeout: float = 10.0  # seconds a new connection has to send its request headers
+    body_timeout: float = 60.0  # seconds a request has to send its whole body
+    max_connections: int = 2048  # open client connections; more are answered 503 and closed
+    keep_alive_timeout: float = 15.0  # seconds an idle kept-alive connection stays open
 
     def mm_limit(self, kind: str) -> int:
         return dict(self.limit_mm_per_prompt)[kind]
@@ -185,6 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--host", default="127.0.0.1")
     g.add_argument("--port", type=int, default=8000)
     g.add_argument("--max_body_size", type=int, default=64 * MiB, help="largest request body in bytes (413 above)")
+    g.add_argument("--http_header_timeout", type=float, default=10.0,
+                   help="seconds a connection has to send its request headers (then it is closed)")
+    g.add_argument("--http_body_timeout", type=float, default=60.0,
+                   help="seconds a request has to send its whole body (408 after)")
+    g.add_argument("--max_connections", type=int, default=2048,
+                   help="most open client connections; a connection over it is answered 503 and closed")
+    g.add_argument("--keep_alive_timeout", type=float, default=15.0,
+                   help="seconds an idle kept-alive connection stays open")
     g.add_argument("--api_key", default=None, help="require 'Authorization: Bearer <key>' (401 without)")
     g.add_argument("--allow_origins", nargs="*", default=[], help="CORS origins allowed ('*' for any)")
     g.add_argument("--image_fetch_timeout", type=float, default=10.0, help="seconds to download one image URL")
@@ -267,7 +279,11 @@ def parse_config(argv: list[str] | None, model_dir: str, device: str, num_device
     check_positive(args, "tp", "max_total_token_num", "max_req_total_len", "batch_max_tokens", "running_max_req_size",
                    "visual_infer_batch_size", "cache_capacity", "cache_max_mb", "visual_dp", "visual_tp",
                    "llm_threads", "visual_threads", "max_body_size", "max_image_bytes", "max_image_pixels",
-                   "min_pixels", "max_pixels", "max_video_bytes", "max_video_frames", "video_max_pixels")
+                   "min_pixels", "max_pixels", "max_video_bytes", "max_video_frames", "video_max_pixels",
+                   "max_connections")
+    for name in ("http_header_timeout", "http_body_timeout", "keep_alive_timeout"):
+        if getattr(args, name) <= 0:
+            fail(f"--{name} must be > 0, got {getattr(args, name)}")
     if args.max_video_seconds <= 0:
         fail(f"--max_video_seconds must be > 0, got {args.max_video_seconds}")
     if not 0 <= args.graceful_shutdown_timeout < float("inf"):
@@ -307,7 +323,9 @@ def parse_config(argv: list[str] | None, model_dir: str, device: str, num_device
                         allow_private_media_urls=args.allow_private_media_urls,
                         allowed_media_domains=tuple(d.rstrip(".").lower() for d in args.allowed_media_domains),
                         allowed_local_media_path=local_media_path(args.allowed_local_media_path),
-                        limit_mm_per_prompt=mm_limits(args.limit_mm_per_prompt)),
+                        limit_mm_per_prompt=mm_limits(args.limit_mm_per_prompt),
+                        header_timeout=args.http_header_timeout, body_timeout=args.http_body_timeout,
+                        max_connections=args.max_connections, keep_alive_timeout=args.keep_alive_timeout),
         cpu=CpuConfig(llm_threads=args.llm_threads, visual_threads=args.visual_threads, cores=os.cpu_count() or 1),
         log_level=args.log_level,
         graceful_shutdown_timeout=args.graceful_shutdown_timeout,

@@ -9,13 +9,17 @@ import asyncio
 import uvloop
 from aiohttp import web
 
+import lightvlm
 from lightvlm.common.logging import get_logger
 from lightvlm.common.process import run_room
 from lightvlm.config import ServerConfig
+from lightvlm.server.httpserver.http_utils import BODY_TIMEOUT
 from lightvlm.server.httpserver.lifecycle import Lifecycle
 from lightvlm.server.httpserver.manager import ClientError, HttpServerManager, RequestFailed
 from lightvlm.server.httpserver.native_api import NativeAPI
 from lightvlm.server.httpserver.openai_api import OpenAIAPI
+from lightvlm.server.httpserver.openapi import openapi_document
+from lightvlm.server.httpserver.slow_clients import GuardedSite
 
 logger = get_logger(__name__)
 
@@ -26,7 +30,8 @@ OPENAI_SHAPED = ("/v1/", "/tokenize", "/detokenize")  # routes that answer error
 def error_response(request: web.Request, status: int, message: str) -> web.Response:
     if request.path.startswith(OPENAI_SHAPED):
         kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                413: "invalid_request_error", 503: "service_unavailable"}.get(status, "server_error")
+                408: "invalid_request_error", 413: "invalid_request_error",
+                503: "service_unavailable"}.get(status, "server_error")
         body = {"error": {"message": message, "type": kind, "code": status}}
     else:
         body = {"message": message}
@@ -66,7 +71,7 @@ async def errors_as_json(request: web.Request, handler):
         return error_response(request, 500, f"internal error in the httpserver: {type(e).__name__}: {e}")
 
 
-OPEN_PATHS = ("/health", "/liveness", "/readiness", "/metrics")  # probes answer without the API key
+OPEN_PATHS = ("/health", "/liveness", "/readiness", "/metrics", "/openapi.json")  # probes answer without the API key
 
 
 def api_key_check(api_key: str):
@@ -111,6 +116,7 @@ def build_app(manager: HttpServerManager, lifecycle: Lifecycle | None = None) ->
     if config.http.api_key:
         middlewares.append(api_key_check(config.http.api_key))
     app = web.Application(client_max_size=config.http.max_body_size, middlewares=middlewares)
+    app[BODY_TIMEOUT] = config.http.body_timeout
     NativeAPI(manager).add_routes(app)
     OpenAIAPI(manager).add_routes(app)
 
@@ -133,6 +139,8 @@ def build_app(manager: HttpServerManager, lifecycle: Lifecycle | None = None) ->
     app.router.add_get("/readiness", health)
     app.router.add_get("/liveness", liveness)
     app.router.add_get("/metrics", metrics)
+    document = openapi_document("lightvlm", lightvlm.__version__)
+    app.router.add_get("/openapi.json", lambda request: web.json_response(document))
     manager.metrics.watch_rooms(lambda: manager.room_reports)
 
     async def on_startup(app):
@@ -153,9 +161,12 @@ def start_httpserver_process(config: ServerConfig, pipe) -> None:
         manager = HttpServerManager(config)
         lifecycle = Lifecycle(manager, config.graceful_shutdown_timeout, config.runtime.ipc_dir, error_response)
         lifecycle.install(loop)
-        runner = web.AppRunner(build_app(manager, lifecycle), handler_cancellation=True, access_log=None)
+        runner = web.AppRunner(build_app(manager, lifecycle), handler_cancellation=True, access_log=None,
+                               keepalive_timeout=config.http.keep_alive_timeout)
         loop.run_until_complete(runner.setup())
-        loop.run_until_complete(web.TCPSite(runner, config.http.host, config.http.port).start())
+        site = GuardedSite(runner, config.http.host, config.http.port, header_timeout=config.http.header_timeout,
+                           max_connections=config.http.max_connections)
+        loop.run_until_complete(site.start())
         logger.info("listening on http://%s:%d", config.http.host, config.http.port)
 
         def serve():

@@ -2,6 +2,7 @@
 checked for unpaired surrogates) and validate it against a pydantic model, with one message per problem
 that names the field."""
 
+import asyncio
 import json
 import re
 from typing import Any
@@ -9,8 +10,10 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from lightvlm.config import HttpConfig
 from lightvlm.server.httpserver.manager import ClientError
 
+BODY_TIMEOUT = web.AppKey("body_timeout", float)  # set by build_app from --http_body_timeout
 MAX_JSON_DEPTH = 64  # deeper bodies are refused before json.loads, whose recursion they would exhaust
 _STRUCTURE = re.compile(rb'\\.|["\[\]{}]', re.DOTALL)  # an escape (two bytes), a quote or a bracket
 
@@ -37,6 +40,10 @@ def json_depth(body: bytes, limit: int = MAX_JSON_DEPTH) -> int:
     return deepest
 
 
+class BodyTooSlow(ClientError):
+    status = 408
+
+
 def too_deep() -> ClientError:
     return ClientError(f"the body nests arrays/objects deeper than the limit of {MAX_JSON_DEPTH} levels")
 
@@ -58,7 +65,18 @@ def loads(body: bytes) -> Any:
 
 
 async def read_json(request: web.Request) -> Any:
-    body = await request.read()  # aiohttp raises 413 past client_max_size
+    """The body as JSON: a 413 from Content-Length before any byte is read (aiohttp would wait for the
+    bytes), a 408 past `--http_body_timeout` (a client that sends slowly holds a connection and a buffer)."""
+    limit = request.app._client_max_size  # noqa: SLF001 (aiohttp keeps the limit only here)
+    if request.content_length is not None and request.content_length > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
+    seconds = request.app.get(BODY_TIMEOUT, HttpConfig.body_timeout)
+    try:
+        async with asyncio.timeout(seconds):
+            body = await request.read()  # aiohttp raises 413 past client_max_size
+    except TimeoutError:
+        raise BodyTooSlow(f"the body did not arrive within {seconds:g} s "
+                          f"(--http_body_timeout)") from None
     return loads(body)
 
 
