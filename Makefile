@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install test serve lint bench gpu-check clean
+.PHONY: install test serve lint bench gpu-check load soak clean
 
 $(INSTALLED): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,14 @@ serve: $(INSTALLED)
 bench: $(INSTALLED)
 	$(PY) -m pip install -q -e '.[test,bench]'
 	$(PY) -m benchmark.run_all
+
+# loopback load (256 clients at once, some leaving early or mid-stream) and a soak (mixed traffic for
+# SOAK_SECONDS, RSS and /dev/shm sampled); both check that nothing is lost or leaked (benchmark/load_soak.py)
+SOAK_SECONDS ?= 1800
+load: $(INSTALLED)
+	$(PY) -m benchmark.load_soak load --out load_out
+soak: $(INSTALLED)
+	$(PY) -m benchmark.load_soak soak --seconds $(SOAK_SECONDS) --out soak_out
 
 # on a CUDA machine: kernels, parity, a short served load, GPU memory -> $(OUT)/report.md (benchmark/gpu_check.py)
 OUT ?= gpu_report
