@@ -76,23 +76,22 @@ class KVManager:
         self._lock(node)
         return len(slots), slots, node
 
-    def insert(self, keys: Sequence[Hashable], slots: Sequence[int]) -> tuple[list[int], Node]:
-        """Put a request's computed tokens in the tree; returns the slots that now hold them and a
-        handle. Slots of tokens the tree already had are duplicates: those the request owned are freed
-        (slots equal to the tree's are the request's own matched prefix and stay). The caller releases
-        its earlier handle after this, so the shared prefix is never unreferenced in between."""
+    def insert(self, keys: Sequence[Hashable], slots: Sequence[int]) -> tuple[Node, list[int]]:
+        """Put a request's computed tokens in the tree; returns a handle and the duplicates: the
+        request's slots for tokens the tree already held in other slots. The tree adopts the rest; the
+        request keeps owning the duplicates (a running request's worker still reads them) and frees
+        them when it ends. The caller releases its earlier handle after this, so the shared prefix is
+        never unreferenced in between."""
         assert len(keys) == len(slots)
         node, have = self._walk(keys)
         duplicates = [s for s, t in zip(slots, have) if s != t]
-        if duplicates:
-            self.allocator.free(duplicates)
         if len(have) < len(keys):
             child = Node(node, list(keys[len(have):]), list(slots[len(have):]), next(self._clock))
             node.children[child.keys[0]] = child
             self.num_tree_slots += len(child.slots)
             node = child
         self._lock(node)
-        return have + list(slots[len(have):]), node
+        return node, duplicates
 
     def release(self, handle: Node) -> None:
         count = self._held[handle] - 1

@@ -26,25 +26,31 @@ class Model:
         own = self.kv.alloc(n)
         for i, s in enumerate(own, start=num_cached):
             self.buffer[s] = tuple(keys[:i + 1])  # the worker computes only these
-        self.reqs.append({"keys": keys, "slots": slots + own, "num_tree": num_cached, "handle": handle})
+        self.reqs.append({"keys": keys, "slots": slots + own, "num_tree": num_cached, "handle": handle, "dups": []})
         return True
 
     def insert(self, req: dict, k: int) -> None:
         k = max(k, req["num_tree"])
-        slots, handle = self.kv.insert(req["keys"][:k], req["slots"][:k])
+        handle, dups = self.kv.insert(req["keys"][:k], req["slots"][:k])
         self.kv.release(req["handle"])
-        req.update(slots=slots + req["slots"][k:], num_tree=k, handle=handle)
+        req["dups"] = sorted(set(req["dups"]) | set(dups))  # the request still reads its own copies
+        req.update(num_tree=k, handle=handle)
 
     def finish(self, req: dict) -> None:
         self.reqs.remove(req)
         self.kv.release(req["handle"])
-        self.kv.free(req["slots"][req["num_tree"]:])
+        self.kv.free(req["dups"] + req["slots"][req["num_tree"]:])
 
     def check(self) -> None:
-        self.kv.check_integrity(r["slots"][r["num_tree"]:] for r in self.reqs)
+        self.kv.check_integrity(r["dups"] + r["slots"][r["num_tree"]:] for r in self.reqs)
         for r in self.reqs:
             for i, s in enumerate(r["slots"]):
                 assert self.buffer[s] == tuple(r["keys"][:i + 1]), "a held slot was reused"
+            _, slots, handle = self.kv.match(r["keys"][:r["num_tree"]])  # the tree holds what it was given
+            self.kv.release(handle)
+            assert len(slots) >= r["num_tree"]
+            for i, s in enumerate(slots):
+                assert self.buffer[s] == tuple(r["keys"][:i + 1])
 
 
 prompts = st.lists(st.sampled_from([1, 2, 3]), min_size=1, max_size=4).flatmap(
@@ -92,12 +98,14 @@ def test_second_request_matches_the_first_ones_prompt_but_its_last_token():
     m.check()
 
 
-def test_duplicate_slots_are_freed_on_insert():
+def test_duplicate_slots_stay_with_the_request_until_it_ends():
     m = Model(16)
     assert m.admit([1, 2, 3]) and m.admit([1, 2, 3])  # both computed everything: nothing inserted yet
     assert m.kv.allocator.num_free == 16 - 6
     for req in list(m.reqs):
         m.insert(req, 3)
+    assert m.kv.allocator.num_free == 16 - 6 and m.kv.num_tree_slots == 3
+    for req in list(m.reqs):
         m.finish(req)
     assert m.kv.allocator.num_free == 16 - 3 and m.kv.num_tree_slots == 3
     m.check()
