@@ -38,6 +38,8 @@ class ReqInit:
     sampling: SamplingParams
     eos_token_ids: tuple[int, ...]
     images: tuple[ImageItem, ...] = ()
+    cached_slots: tuple[int, ...] = ()  # the first len() prompt tokens' KV is already there (prefix cache)
+    cached_ids: tuple[int, ...] = ()  # those tokens, when the penalties must see them
 
 
 # An input token the router cannot know yet: the one the previous step is sampling for that request.
