@@ -139,6 +139,7 @@ class TokenOut:
     finish_reason: str | None = None  # "stop" | "length" | "abort" when the request ended
     # on the first token of a request that asked: every prompt token's logprob (the first one None)
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (not computed)
 
 
 @dataclass(frozen=True)
@@ -168,6 +169,7 @@ class TextOut:
     logprob: TokenLogprob | None = None
     finish_reason: str | None = None
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # passed on from TokenOut
+    num_cached_tokens: int = 0  # passed on from TokenOut
 
 
 @dataclass(frozen=True)

@@ -209,6 +209,16 @@ class Scheduler:
         req.cache_handle, req.num_in_tree = handle, num_tokens
         req.dup_slots.extend(s for s in dups if s not in req.dup_slots)
 
+    def cache_stats(self) -> tuple[tuple[str, float], ...]:
+        """The prefix cache's counters for /metrics (hit rate = cached / prompt tokens)."""
+        if self.kv is None:
+            return ()
+        return (("prompt_tokens_admitted_total", self.num_prompt_tokens_scheduled),
+                ("prompt_tokens_cached_total", self.num_prompt_tokens_cached),
+                ("prefix_cache_tokens", self.kv.num_tree_slots),
+                ("prefix_cache_evicted_tokens_total", self.kv.num_evicted_tokens),
+                ("prefix_cache_hit_rate", self.num_prompt_tokens_cached / max(1, self.num_prompt_tokens_scheduled)))
+
     def check_integrity(self) -> None:
         """Every KV slot is free, in the prefix cache, or owned by exactly one running request."""
         if self.kv is None:
