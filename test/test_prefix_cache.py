@@ -94,3 +94,30 @@ def test_cache_off_gives_identical_outputs_and_no_cached_tokens(cached, uncached
     assert again.token_ids == on[0].token_ids and again.cached_tokens == again.input_token_len - 1
     cached.scheduler.check_integrity()
     uncached.scheduler.check_integrity()
+
+
+def test_penalties_see_the_cached_part_of_the_prompt(cached, uncached):
+    prompt = [user("Repeat: red red red blue blue.", load_image("chelsea.png"))]
+    config = GenerationConfig(max_new_tokens=MAX_NEW, repetition_penalty=1.8)
+    cached(prompt, GREEDY)  # puts the prompt in the cache
+    with_cache = cached(prompt, config)
+    assert with_cache.cached_tokens == with_cache.input_token_len - 1
+    assert with_cache.token_ids == uncached(prompt, config).token_ids
+    cached.scheduler.check_integrity()
+
+
+def test_prompt_logprobs_compute_the_whole_prompt(cached, uncached):
+    prompt = [user("Name the animal.", load_image("chelsea.png"))]
+    cached(prompt, GREEDY)
+    config = GenerationConfig(max_new_tokens=4, prompt_logprobs=1)
+    before = cached.runner.num_prompt_tokens_computed
+    with_cache = cached(prompt, config)
+    assert with_cache.cached_tokens == 0
+    assert cached.runner.num_prompt_tokens_computed - before == with_cache.input_token_len
+    reference = uncached(prompt, config).prompt_logprobs
+    assert len(with_cache.prompt_logprobs) == len(reference) and with_cache.prompt_logprobs[0] is None
+    assert sum(p is not None for p in reference) > 10
+    for ours, theirs in zip(with_cache.prompt_logprobs, reference):
+        assert (ours is None) == (theirs is None)  # image rows have none
+        if ours is not None:
+            assert ours.token_id == theirs.token_id and abs(ours.logprob - theirs.logprob) < 1e-4
