@@ -4,7 +4,9 @@ Policy only: pure Python, no torch, no sockets. There is no prefill or decode ph
 still to compute: a running request asks for its remaining prompt (in chunks that fit the step's
 token budget) or for its one newest token. Waiting requests join between steps when the batch's
 predicted peak KV use still fits; under pressure the newest running request is preempted (its KV
-freed, recomputed later) rather than anything failing.
+freed, recomputed later) rather than anything failing. With the prefix cache (engine/kv_manager.py)
+a request starts from the longest cached prefix of its prompt, and what it computed goes into the
+cache once its step's output is recorded.
 
 A scheduled step counts as computed at once, and each token it samples gets a held place in the
 request's outputs (PENDING_TOKEN), so the next step can be scheduled before this one's tokens are
