@@ -50,6 +50,7 @@ class RouterConfig:
     # (every room resolves it the same way: LoadedCheckpoint.context_limit)
     batch_max_tokens: int = 512  # tokens computed per step
     running_max_req_size: int = 1000
+    use_prefix_cache: bool = True  # share the KV of equal prompt prefixes (engine/kv_manager.py)
 
 
 @dataclass(frozen=True)
@@ -172,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "chunks (default: 8192 on GPUs; 512 on the CPU, where a step of 8192 tokens takes seconds "
                         "and would stall every decoding request that long)")
     g.add_argument("--running_max_req_size", type=int, default=1000, help="requests in the running batch")
+    g.add_argument("--disable_dynamic_prompt_cache", action="store_true",
+                   help="compute every prompt in full (no KV shared between requests with a common prefix)")
     g = p.add_argument_group("multimodal")
     g.add_argument("--enable_multimodal", action="store_true", help="accept images (else text only; images get 400)")
     g.add_argument("--visual_infer_batch_size", type=int, default=4, help="images per vision-encoder batch")
@@ -309,7 +312,8 @@ def parse_config(argv: list[str] | None, model_dir: str, device: str, num_device
         router=RouterConfig(max_total_token_num=args.max_total_token_num, mem_fraction=args.mem_fraction,
                             max_req_total_len=max_len,
                             batch_max_tokens=args.batch_max_tokens or (8192 if device == "cuda" else 512),
-                            running_max_req_size=args.running_max_req_size),
+                            running_max_req_size=args.running_max_req_size,
+                            use_prefix_cache=not args.disable_dynamic_prompt_cache),
         visual=VisualConfig(enabled=args.enable_multimodal, infer_batch_size=args.visual_infer_batch_size,
                             cache_capacity=args.cache_capacity, cache_max_bytes=args.cache_max_mb * MiB,
                             dp=args.visual_dp, tp=args.visual_tp, min_pixels=args.min_pixels,

@@ -38,6 +38,8 @@ class ReqInit:
     sampling: SamplingParams
     eos_token_ids: tuple[int, ...]
     images: tuple[ImageItem, ...] = ()
+    cached_slots: tuple[int, ...] = ()  # the first len() prompt tokens' KV is already there (prefix cache)
+    cached_ids: tuple[int, ...] = ()  # those tokens, when the penalties must see them
 
 
 # An input token the router cannot know yet: the one the previous step is sampling for that request.
@@ -137,6 +139,7 @@ class TokenOut:
     finish_reason: str | None = None  # "stop" | "length" | "abort" when the request ended
     # on the first token of a request that asked: every prompt token's logprob (the first one None)
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (not computed)
 
 
 @dataclass(frozen=True)
@@ -166,6 +169,7 @@ class TextOut:
     logprob: TokenLogprob | None = None
     finish_reason: str | None = None
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # passed on from TokenOut
+    num_cached_tokens: int = 0  # passed on from TokenOut
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,7 @@ class Response:
     logprobs: list[TokenLogprob] | None = None
     error: str | None = None  # finish_reason "error": the model failed on this request
     prompt_logprobs: list[TokenLogprob | None] | None = None  # with prompt_logprobs set: one per prompt token
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (not computed)
 
 
 def read_image(source) -> tuple[Image.Image, str]:
@@ -234,12 +235,13 @@ class Pipeline:
     def __init__(self, model_dir: str | Path, tp: int = 1, max_batch_size: int = 64, session_len: int | None = None,
                  max_total_token_num: int | None = None, batch_max_tokens: int | None = None,
                  data_type: str = "auto", device: str | None = None, show_progress: bool = False,
-                 min_pixels: int | None = None, max_pixels: int | None = None):
+                 min_pixels: int | None = None, max_pixels: int | None = None, use_prefix_cache: bool = False):
         """tp > 1 runs the language model in `tp` worker processes (torch.distributed: gloo on the CPU,
         NCCL on CUDA); the vision tower and everything else stay in this process. min_pixels /
         max_pixels replace the checkpoint's resolution bounds (dynamic-resolution families only). data_type
         "auto" runs bf16 on CPUs with bf16 matrix units (AMX, AVX512-BF16), fp32 on other CPUs and the
-        checkpoint's dtype on CUDA; "fp32", "bf16", "fp16" choose."""
+        checkpoint's dtype on CUDA; "fp32", "bf16", "fp16" choose. use_prefix_cache shares the KV of
+        equal prompt prefixes between requests (engine/kv_manager.py)."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         ckpt = LoadedCheckpoint.open(model_dir)
         dtype = resolve_dtype(data_type, device, model_dir)
@@ -268,7 +270,8 @@ class Pipeline:
         self.vocab_size = ckpt.config.text.vocab_size
         self.scheduler = Scheduler(SchedulerConfig(num_slots=num_slots,
                                                    batch_max_tokens=batch_max_tokens or max(self.session_len, 2048),
-                                                   running_max_req_size=max_batch_size))
+                                                   running_max_req_size=max_batch_size,
+                                                   use_prefix_cache=use_prefix_cache))
         self.detokenizer = Detokenizer(self.processor.tokenizer)
         self._next_id = 0
         self._reqs: dict[int, Req] = {}
@@ -403,7 +406,8 @@ class Pipeline:
                         finish_reason="error" if error else req.status.finish_reason,
                         input_token_len=req.num_prompt_tokens, generate_token_len=len(req.output_ids),
                         index=req.req_id, logprobs=logprobs if req.sampling.logprobs else None, error=error,
-                        prompt_logprobs=prompt_logprobs if req.sampling.prompt_logprobs is not None else None)
+                        prompt_logprobs=prompt_logprobs if req.sampling.prompt_logprobs is not None else None,
+                        cached_tokens=req.num_cached_tokens)
 
 
     def close(self) -> None:

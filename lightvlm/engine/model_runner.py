@@ -94,6 +94,7 @@ class ModelRunner:
         self.req_to_slots = torch.zeros(config.max_reqs, config.max_len, dtype=torch.long, device=self.device)
         self.free_rows = list(range(config.max_reqs - 1, -1, -1))
         self.reqs: dict[int, RunnerReq] = {}
+        self.num_prompt_tokens_computed = 0  # prompt tokens this rank ran through the model (not cached)
         # logit rules: only the rank that samples applies them (its tokenizer view builds in the background)
         self.tokenizer = ckpt.processor.tokenizer if tp.is_first else None
         self.grammar_masks = None
@@ -128,6 +129,11 @@ class ModelRunner:
         if init.sampling.has_penalties:
             req.seen = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
             req.counts = torch.zeros(self.vocab_size, dtype=torch.float32, device=self.device)
+        if k := len(init.cached_slots):  # a cached prefix: its KV is written, the penalties still see it
+            self.req_to_slots[req.row, :k] = torch.tensor(init.cached_slots, dtype=torch.long, device=self.device)
+            req.num_computed_tokens = k
+            if req.seen is not None:
+                self._track_penalty_tokens(req, 0, init.cached_ids)
         self.reqs[init.req_id] = req
 
     def release(self, req_ids) -> None:
@@ -243,6 +249,7 @@ class ModelRunner:
             if req.rules is not None and req.rules.bad_words:
                 skip = max(0, req.init.num_prompt_tokens - req.num_computed_tokens)
                 req.rules.output_ids.extend(step.input_ids[row + skip:row + n])
+            self.num_prompt_tokens_computed += min(n, max(0, req.init.num_prompt_tokens - req.num_computed_tokens))
             req.num_computed_tokens += n
             row += n
 

@@ -43,6 +43,11 @@ class Req:
     kv_slots: list[int] = field(default_factory=list)
     arrival_time: float = field(default_factory=time.monotonic)
     num_preemptions: int = 0
+    # the prefix cache (engine/kv_manager.py), written by the scheduler
+    num_cached_tokens: int = 0  # prompt tokens found in the cache when last admitted (not computed)
+    cache_handle: object = None  # the tree node this request references, None when it holds none
+    num_in_tree: int = 0  # kv_slots[:num_in_tree] are covered by the tree's path
+    dup_slots: list[int] = field(default_factory=list)  # of those, the ones the request owns itself
 
     def __post_init__(self):
         self.prompt_ids = list(self.prompt_ids)
@@ -117,9 +122,15 @@ class Req:
         if self.status in (ReqStatus.FINISHED_LENGTH, ReqStatus.RUNNING, ReqStatus.WAITING):
             self.status = ReqStatus.FINISHED_STOPPED
 
+    @property
+    def own_slots(self) -> list[int]:
+        """KV slots this request frees when it ends (the tree's are released, never freed)."""
+        return self.dup_slots + self.kv_slots[self.num_in_tree:]
+
     def reset_for_recompute(self) -> None:
         """Preempted: the KV is gone, so everything (prompt and outputs so far) is computed again."""
         self.kv_slots = []
+        self.num_in_tree, self.dup_slots, self.num_cached_tokens = 0, [], 0
         self.num_computed_tokens = 0
         self.status = ReqStatus.WAITING
         self.num_preemptions += 1

@@ -4,7 +4,9 @@ Policy only: pure Python, no torch, no sockets. There is no prefill or decode ph
 still to compute: a running request asks for its remaining prompt (in chunks that fit the step's
 token budget) or for its one newest token. Waiting requests join between steps when the batch's
 predicted peak KV use still fits; under pressure the newest running request is preempted (its KV
-freed, recomputed later) rather than anything failing.
+freed, recomputed later) rather than anything failing. With the prefix cache (engine/kv_manager.py)
+a request starts from the longest cached prefix of its prompt, and what it computed goes into the
+cache once its step's output is recorded.
 
 A scheduled step counts as computed at once, and each token it samples gets a held place in the
 request's outputs (PENDING_TOKEN), so the next step can be scheduled before this one's tokens are
@@ -14,9 +16,10 @@ back: the router overlaps its own work with the workers'. `update` fills the pla
 from collections import deque
 from dataclasses import dataclass, field
 
+from lightvlm.engine.kv_manager import KVManager, cache_keys
 from lightvlm.engine.req import Req, ReqStatus
 from lightvlm.engine.token_allocator import TokenAllocator
-from lightvlm.io_struct import ReqInit, StepInput
+from lightvlm.io_struct import PENDING_TOKEN, ReqInit, StepInput
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,7 @@ class SchedulerConfig:
     num_slots: int  # KV slots in the pool
     batch_max_tokens: int  # tokens computed per step, prefill chunks included
     running_max_req_size: int  # requests in the running batch
+    use_prefix_cache: bool = False  # share the KV of equal prefixes (engine/kv_manager.py)
 
 
 @dataclass
@@ -52,10 +56,16 @@ class Batch:
             input_ids=tuple(input_ids),
             new_slots=tuple(slots),
             samples=tuple(item.samples for item in self.items),
-            new_reqs=tuple(ReqInit(r.req_id, r.num_prompt_tokens, r.sampling, tuple(sorted(r.eos_token_ids)),
-                                   r.images) for r in self.new_reqs),
+            new_reqs=tuple(prepare_req_init(r) for r in self.new_reqs),
             released=tuple(self.released),
         )
+
+
+def prepare_req_init(req: Req) -> ReqInit:
+    k = req.num_cached_tokens
+    return ReqInit(req.req_id, req.num_prompt_tokens, req.sampling, tuple(sorted(req.eos_token_ids)), req.images,
+                   cached_slots=tuple(req.kv_slots[:k]),
+                   cached_ids=tuple(req.prompt_ids[:k]) if k and req.sampling.has_penalties else ())
 
 
 def predicted_peak(usages: list[tuple[int, int]]) -> int:
@@ -82,6 +92,9 @@ class Scheduler:
         self.reqs: dict[int, Req] = {}  # every unfinished request, by id
         self._released: list[int] = []
         self._sent: set[int] = set()  # requests the workers hold state for
+        self.kv = KVManager(self.allocator) if config.use_prefix_cache else None
+        self.num_prompt_tokens_scheduled = 0  # prompt tokens admitted (cached or computed)
+        self.num_prompt_tokens_cached = 0  # of those, found in the prefix cache
 
     # -- requests in and out -------------------------------------------------------------------
 
@@ -116,9 +129,12 @@ class Scheduler:
         self._free(req)
 
     def _free(self, req: Req) -> None:
-        if req.kv_slots:
-            self.allocator.free(req.kv_slots)
-            req.kv_slots = []
+        if req.cache_handle is not None:
+            self.kv.release(req.cache_handle)
+            req.cache_handle = None
+        if own := req.own_slots:
+            self.allocator.free(own)
+        req.kv_slots, req.num_in_tree, req.dup_slots = [], 0, []
         if req.req_id in self._sent:
             self._sent.discard(req.req_id)
             self._released.append(req.req_id)
@@ -140,10 +156,14 @@ class Scheduler:
                 budget -= n
         while self.waiting and budget and len(self.running) < self.config.running_max_req_size:
             req = self.waiting[0]
+            self._match(req)
             n = min(req.num_tokens_to_compute, budget)
-            if not self._fits(req) or not self.allocator.can_alloc(n):
+            if not self._fits(req) or not self._can_alloc(n):
+                self._unmatch(req)
                 break  # first come, first served: later arrivals wait behind it
             self.waiting.popleft()
+            self.num_prompt_tokens_scheduled += req.num_prompt_tokens
+            self.num_prompt_tokens_cached += req.num_cached_tokens
             req.status = ReqStatus.RUNNING
             self.running.append(req)
             batch.items.append(self._take(req, n))
@@ -162,8 +182,56 @@ class Scheduler:
         released, self._released = self._released, []
         return released
 
+    def _can_alloc(self, n: int) -> bool:
+        return self.kv.can_alloc(n) if self.kv else self.allocator.can_alloc(n)
+
+    def _match(self, req: Req) -> None:
+        """Take the longest cached prefix of the prompt but its last token (which must be computed for
+        its logits); none when the request wants prompt logprobs (they need every prompt row)."""
+        if self.kv is None or req.sampling.prompt_logprobs is not None:
+            return
+        k, slots, handle = self.kv.match(cache_keys(req.prompt_ids[:-1]))
+        req.cache_handle, req.kv_slots, req.num_in_tree = handle, slots, k
+        req.num_cached_tokens = req.num_computed_tokens = k
+
+    def _unmatch(self, req: Req) -> None:
+        self._free(req)
+        req.num_cached_tokens = req.num_computed_tokens = 0
+
+    def _cache(self, req: Req, num_tokens: int) -> None:
+        """Put the request's first num_tokens (their KV written, or being written by a step already
+        scheduled) in the tree, so that requests scheduled from now on can share them."""
+        if num_tokens <= req.num_in_tree:
+            return
+        ids = [req.token_at(i) for i in range(num_tokens)]
+        assert PENDING_TOKEN not in ids
+        handle, dups = self.kv.insert(cache_keys(ids), req.kv_slots[:num_tokens])
+        if req.cache_handle is not None:
+            self.kv.release(req.cache_handle)
+        req.cache_handle, req.num_in_tree = handle, num_tokens
+        req.dup_slots.extend(s for s in dups if s not in req.dup_slots)
+
+    def cache_stats(self) -> tuple[tuple[str, float], ...]:
+        """The prefix cache's counters for /metrics (hit rate = cached / prompt tokens)."""
+        if self.kv is None:
+            return ()
+        return (("prompt_tokens_admitted_total", self.num_prompt_tokens_scheduled),
+                ("prompt_tokens_cached_total", self.num_prompt_tokens_cached),
+                ("prefix_cache_tokens", self.kv.num_tree_slots),
+                ("prefix_cache_evicted_tokens_total", self.kv.num_evicted_tokens),
+                ("prefix_cache_hit_rate", self.num_prompt_tokens_cached / max(1, self.num_prompt_tokens_scheduled)))
+
+    def check_integrity(self) -> None:
+        """Every KV slot is free, in the prefix cache, or owned by exactly one running request."""
+        if self.kv is None:
+            self.allocator.check_integrity()
+            owned = [s for r in self.running for s in r.kv_slots]
+            assert len(owned) == len(set(owned)) == self.allocator.num_used, "KV slots leaked or shared"
+        else:
+            self.kv.check_integrity(r.own_slots for r in self.running)
+
     def _take(self, req: Req, n: int) -> ScheduledReq:
-        slots = self.allocator.alloc(n)
+        slots = self.kv.alloc(n) if self.kv else self.allocator.alloc(n)
         req.kv_slots.extend(slots)  # owned from now on, so an abort frees them too
         item = ScheduledReq(req, req.num_computed_tokens, n, slots, req.num_computed_tokens + n == req.num_tokens)
         req.num_computed_tokens += n
@@ -181,7 +249,7 @@ class Scheduler:
         scheduled in this step). False if none is left to preempt. A victim whose last token is still in
         flight comes back in the same step with at most a chunk that stops short of it (all of it needs
         more slots than it freed); the token is known before the next step is scheduled."""
-        while not self.allocator.can_alloc(n):
+        while not self._can_alloc(n):
             victim = self.running[-1]
             if victim is req:
                 return False
@@ -197,12 +265,23 @@ class Scheduler:
         finished = []
         for item in batch.items:
             req = item.req
+            if self.kv is not None and self._still_holds(item):  # the prompt chunk is computed: share it
+                self._cache(req, min(item.start + item.num_new_tokens, req.num_prompt_tokens))
             if not item.samples or req.req_id not in sampled:
                 continue
             if req.status.is_finished:  # ended while the step ran (aborted, or by a token before this one)
                 continue
             req.append_output(sampled[req.req_id])
             if req.status.is_finished:
+                if self.kv is not None:  # prompt and outputs with KV, for the next turn of a chat
+                    self._cache(req, min(len(req.kv_slots), req.num_tokens))
                 self._remove(req)
                 finished.append(req)
         return finished
+
+    @staticmethod
+    def _still_holds(item: ScheduledReq) -> bool:
+        """The step's slots are still the request's (not preempted and admitted again since)."""
+        req, end = item.req, item.start + item.num_new_tokens
+        return (req.status == ReqStatus.RUNNING and item.start < req.num_prompt_tokens
+                and req.kv_slots[item.start:end] == item.new_slots)

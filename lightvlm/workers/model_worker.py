@@ -80,6 +80,7 @@ class ModelWorkerService(NoDelayService):
         self.cpu_share = cpu_share
         self.fault_token = int(os.environ[FAULT_ENV]) if os.environ.get(FAULT_ENV) else None
         self.doomed: set[int] = set()  # requests the injected fault will hit
+        self.doomed_first_slots: set[int] = set()  # KV slots of doomed prompts' first token (prefix cache)
 
     def exposed_info(self) -> bytes:
         return pickle.dumps({"num_slots": self.num_slots})
@@ -97,8 +98,12 @@ class ModelWorkerService(NoDelayService):
         row = 0
         for req_id, n in zip(step.req_ids, step.num_new_tokens):
             req = self.runner.reqs[req_id]
+            cached = req.init.cached_slots
             if req.num_computed_tokens == 0 and step.input_ids[row] == self.fault_token:
                 self.doomed.add(req_id)
+                self.doomed_first_slots.add(step.new_slots[row])
+            elif cached and req.num_computed_tokens == len(cached) and cached[0] in self.doomed_first_slots:
+                self.doomed.add(req_id)  # its first token came from the prefix cache (test pools never evict)
             if req_id in self.doomed and req.num_computed_tokens > req.init.num_prompt_tokens:  # also retried alone
                 raise RuntimeError(f"injected fault: a prompt starting with token {self.fault_token} ({FAULT_ENV})")
             row += n

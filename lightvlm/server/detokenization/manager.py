@@ -64,7 +64,8 @@ class DetokenizationManager:
         if reason:
             text += self.detokenizer.flush(token.req_id)
             self.forget(token.req_id)
-        return TextOut(token.req_id, text, token.token_id, count, token.logprob, reason, token.prompt_logprobs)
+        return TextOut(token.req_id, text, token.token_id, count, token.logprob, reason, token.prompt_logprobs,
+                       token.num_cached_tokens)
 
     def forget(self, req_id: int) -> None:
         self.reqs.pop(req_id, None)

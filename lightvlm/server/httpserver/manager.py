@@ -79,6 +79,7 @@ class RequestState:
     first_token_at: float | None = None
     last_token_at: float | None = None
     done: bool = False
+    num_cached_tokens: int = 0  # prompt tokens the router found in the prefix cache (from the latest TextOut)
 
 
 class HttpServerManager:
@@ -331,6 +332,7 @@ class HttpServerManager:
                     self.metrics.finish(state, f"error_{out.status}")
                     raise RequestFailed(out.status, out.message)
                 self.metrics.token(state)
+                state.num_cached_tokens = out.num_cached_tokens
                 if out.finish_reason is not None:  # done before the last yield: a caller that stops reading
                     self.metrics.finish(state, out.finish_reason)  # after it must not count an abort
                     state.done = True

@@ -190,6 +190,7 @@ class NativeAPI:
             "count_output_tokens": sum(len(tokens) for _, tokens, _, _ in results),
             "finish_reason": results[0][2],
             "prompt_tokens": len(prepared.prompt_ids),
+            "prompt_cache_len": states[0].num_cached_tokens,
         }
         if req.parameters.return_details:
             body["tokens"] = results[0][1]
@@ -248,7 +249,7 @@ class NativeAPI:
 
     def event(self, state: RequestState, out, text: str) -> dict:
         token = {**self.token_json(out), "count_output_tokens": out.num_output_tokens,
-                 "prompt_tokens": state.prompt_tokens}
+                 "prompt_tokens": state.prompt_tokens, "prompt_cache_len": state.num_cached_tokens}
         return {"token": token, "generated_text": text if out.finish_reason else None,
                 "finished": out.finish_reason is not None, "finish_reason": out.finish_reason, "details": None}
 

@@ -22,9 +22,10 @@ def now() -> int:
     return int(time.time())
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,8 @@ class Completion:
     # -- whole answers -------------------------------------------------------------------------
 
     async def collect(self) -> dict:
-        results = await self.manager.collect_all(await self.submit_all(), self._collect_one)
+        states = await self.submit_all()
+        results = await self.manager.collect_all(states, self._collect_one)
         choices, completion_tokens, first_prompt = [], 0, None
         for index, (outs, text) in enumerate(results):
             reason = outs[-1].finish_reason if outs else "stop"
@@ -117,7 +119,8 @@ class Completion:
             choices.append(self.chat_choice(index, outs, text, reason) if self.shape.kind == "chat"
                            else self.text_choice(index, outs, text, reason, prompt))
         body = {"id": self.id, "object": self.object, "created": self.created, "model": self.model_name,
-                "choices": choices, "usage": usage(len(self.prepared.prompt_ids), completion_tokens)}
+                "choices": choices,
+                "usage": usage(len(self.prepared.prompt_ids), completion_tokens, states[0].num_cached_tokens)}
         if self.shape.prompt_logprobs and self.shape.kind == "chat":
             body["prompt_logprobs"] = self.vllm_prompt_logprobs(first_prompt)
         return body
@@ -198,7 +201,8 @@ class Completion:
             if include_usage:
                 body = {"id": self.id, "object": self.chunk_object, "created": self.created,
                         "model": self.model_name, "choices": [],
-                        "usage": usage(len(self.prepared.prompt_ids), completion_tokens)}
+                        "usage": usage(len(self.prepared.prompt_ids), completion_tokens,
+                                       states[0].num_cached_tokens)}
                 await self.send(response, body)
             await response.write(b"data: [DONE]\n\n")
         finally:

@@ -44,7 +44,8 @@ class RouterManager:
         self.workers = workers
         self.scheduler = Scheduler(SchedulerConfig(num_slots=workers.num_slots(),
                                                    batch_max_tokens=config.router.batch_max_tokens,
-                                                   running_max_req_size=config.router.running_max_req_size))
+                                                   running_max_req_size=config.router.running_max_req_size,
+                                                   use_prefix_cache=config.router.use_prefix_cache))
         self.eos_token_ids = frozenset(ckpt.eos_token_ids)
         self.max_len = ckpt.context_limit(config.router.max_req_total_len)
         context = zmq.Context.instance()
@@ -167,7 +168,7 @@ class RouterManager:
             if req is None:  # ended before this token (failed, aborted, or stopped by an earlier one)
                 continue
             outputs.append(TokenOut(req_id, token, logprobs.get(req_id), req.status.finish_reason,
-                                    self.first_token(req)))
+                                    self.first_token(req), req.num_cached_tokens))
         for req in finished.values():
             self.release_images(req)
             self.forget(req)
@@ -186,10 +187,13 @@ class RouterManager:
         return tuple(known.get(i) for i in range(req.num_prompt_tokens))
 
     def send_stats(self) -> None:
-        allocator = self.scheduler.allocator
+        allocator, kv = self.scheduler.allocator, self.scheduler.kv
         live_preemptions = sum(req.num_preemptions for req in self.scheduler.reqs.values())
+        reclaimable = kv.num_evictable if kv else 0  # cached prefixes no request references
         values = (("running_requests", len(self.scheduler.running)), ("waiting_requests", len(self.scheduler.waiting)),
-                  ("kv_slots_used", allocator.num_used), ("kv_slots_free", allocator.num_free),
+                  ("kv_slots_used", allocator.num_used - reclaimable),
+                  ("kv_slots_free", allocator.num_free + reclaimable),
+                  *self.scheduler.cache_stats(),
                   ("kv_slots_total", allocator.num_slots), ("steps_total", self.num_steps),
                   ("failed_steps_total", self.num_failed_steps),
                   ("preemptions_total", self.num_done_preemptions + live_preemptions))
