@@ -5,9 +5,12 @@
    units, else fp32), run W1-W6 (W1 also with varied output lengths; W6: video clips,
    benchmark/video.py) and a concurrency sweep, stop it. W2 alternates: each request through the
    server, then the same one through transformers (one at a time), so that both sides see the same
-   state of a shared machine. Then the server again in the other dtype, for W1 and W1 varied.
+   state of a shared machine. Then the server again in the other dtype, for W1 and W1 varied, and
+   once more without the prefix cache (`--disable_dynamic_prompt_cache`) for W5 and the shared
+   system prompt (benchmark/multi_turn.py).
 3. Run transformers in both dtypes (static batches 8/16/32/64 of W1, 32/64 of W1 varied) and the
-   engine ceiling (the model runner's loop alone) on the same requests, and the cost of
+   engine ceiling (the model runner's loop alone) on the same requests (W5: the very requests the
+   server saw, its answers in the histories, turn by turn), and the cost of
    JSON-schema-constrained decoding (batch 1 and 32).
 4. Rewrite docs/performance.md (tables, ratios, targets met or not, machine, commands) and
    docs/performance.png (throughput and TTFT against concurrency). Raw numbers: bench_out/results.json.
@@ -27,7 +30,7 @@ from pathlib import Path
 import requests
 import torch
 
-from benchmark import engine_ceiling, hf_baseline, profile, structured_cost, video
+from benchmark import engine_ceiling, hf_baseline, multi_turn, profile, structured_cost, video
 from benchmark.serve import Result, run, summarize
 from benchmark.workloads import build
 from lightvlm.models.demo import demo_checkpoint
@@ -137,9 +140,7 @@ def server_workloads(url: str, model_dir: str, log, dtype: str, pid: int) -> dic
     probes = build(16, images_per_request=0, output_tokens=64, seed=4, tag="probe")
     r["W4_idle"], _ = bench(url, probes, rate=2.0)
     r["W4_loaded"] = asyncio.run(interference(url, build(48, seed=5), probes, 2.0))
-    log("W5 multi-turn: 32 conversations with two earlier turns that reuse images, concurrency 8")
-    r["W5"], _ = bench(url, build(32, multi_turn=True, repeat_share=0.5, pool_size=8, output_tokens=64, seed=6),
-                       concurrency=8)
+    r.update(prefix_cache_workloads(url, log, ""))
     log("W6 video: 12 new 2-second clips (4 frames sampled each) at concurrency 4, then one clip twice alone")
     r["W6"] = video.workload(url, num_requests=12, concurrency=4)
     r["sweep"] = {64: r["W1"]}  # W1 is the sweep's last point
@@ -166,15 +167,26 @@ def hf_w1(processor, model, log, dtype: str, sizes: tuple[int, ...]) -> tuple[di
     return fixed, varied
 
 
-def baselines(model_dir: str, log, dtype: str, other: str) -> dict:
+def prefix_cache_workloads(url: str, log, suffix: str) -> dict:
+    """W5 (sessions of 3 turns, each sent after the previous answer) and one shared system prompt; the
+    keys end in `suffix` (the cache-off server's rows)."""
+    log(f"W5 multi-turn{suffix}: 16 sessions of 3 turns with images, concurrency 8, each turn after its answer")
+    r = {f"W5{suffix}": multi_turn.w5(url)}
+    log(f"shared system prompt{suffix}: 32 questions behind one ~800-token system prompt, concurrency 8")
+    r[f"system_prompt{suffix}"] = multi_turn.system_prompt(url)
+    return r
+
+
+def baselines(model_dir: str, log, dtype: str, other: str, w5_requests) -> dict:
     r = {}
     processor, model = hf_baseline.load(model_dir, TORCH_DTYPES[other])
     r[f"hf_{other}_W1"], r[f"hf_{other}_W1_varied"] = hf_w1(processor, model, log, other, (16, 32, 64))
     processor, model = hf_baseline.load(model_dir, TORCH_DTYPES[dtype])
     r["hf_W1"], r["hf_W1_varied"] = hf_w1(processor, model, log, dtype, (8, 16, 32, 64))
-    log("transformers: W5 in static batches of 8")
-    r["hf_W5"] = hf_baseline.run_batches(
-        processor, model, build(32, multi_turn=True, repeat_share=0.5, pool_size=8, output_tokens=64, seed=6), 8)
+    log("transformers: W5 (the requests the server saw, answers included) in static batches of 8, turn by turn")
+    r["hf_W5"] = hf_baseline.run_batches(processor, model, w5_requests, 8)
+    log("transformers: the shared system prompt in static batches of 8")
+    r["hf_system_prompt"] = hf_baseline.run_batches(processor, model, multi_turn.shared_system_prompt(), 8)
     r["hf_sweep"] = {size: {"output_tokens_per_s": r["hf_W1"][size]["output_tokens_per_s"],
                             "ttft_p50_s": r["hf_W1"][size]["ttft_s"]["p50"]} for size in (8, 16, 32, 64)}
     del model
@@ -216,6 +228,7 @@ def main(argv=None) -> None:
     try:
         server.wait_ready()
         results = server_workloads(server.url, model_dir, log, dtype, server.process.pid)
+        w5_requests = results["W5"].pop("replay")
         (OUT / "metrics.txt").write_text(server.metrics())
     finally:
         server.stop()
@@ -226,7 +239,17 @@ def main(argv=None) -> None:
         results[f"{other}_W1"], results[f"{other}_W1_varied"] = w1_rows(server.url, log, other, server.process.pid)
     finally:
         server.stop()
-    results.update(baselines(model_dir, log, dtype, other))
+    log("the server again without the prefix cache (--disable_dynamic_prompt_cache)")
+    server = Server(model_dir, args.port, ["--disable_dynamic_prompt_cache", *args.server_args],
+                    log_name="server_nocache.log")
+    try:
+        server.wait_ready()
+        nocache = prefix_cache_workloads(server.url, log, "_nocache")
+    finally:
+        server.stop()
+    nocache["W5_nocache"].pop("replay")
+    results.update(nocache)
+    results.update(baselines(model_dir, log, dtype, other, w5_requests))
     log("profile: the language model alone, 48 prompts of 300 tokens, 64 output, ours and transformers', each dtype")
     results["profile"] = {name: profile.run(model_dir, name) for name in (dtype, other)}
     results["dtype"], results["other_dtype"] = dtype, other

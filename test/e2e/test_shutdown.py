@@ -143,7 +143,9 @@ def test_sigterm_drains_then_ends_the_rest_with_errors(tmp_path_factory, tiny_qw
     refused = requests.post(server.url + "/v1/completions", json={"model": "m", "prompt": "hi"}, timeout=5)
     assert refused.status_code == 503 and refused.json()["error"]["code"] == 503
 
-    for (fn, _), result in zip(quick.calls, quick.join(GRACE + MARGIN).values()):
+    quick_results = quick.join(GRACE + MARGIN)  # keyed by call index (filled in the order they end)
+    for index, (fn, _) in enumerate(quick.calls):
+        result = quick_results[index]
         check_answered(fn, result, must_fail=False)
         assert result["status"] == 200 and "error" not in str(result.get("last", "")), result
     results = load.join(GRACE + MARGIN)
