@@ -235,13 +235,13 @@ class Pipeline:
     def __init__(self, model_dir: str | Path, tp: int = 1, max_batch_size: int = 64, session_len: int | None = None,
                  max_total_token_num: int | None = None, batch_max_tokens: int | None = None,
                  data_type: str = "auto", device: str | None = None, show_progress: bool = False,
-                 min_pixels: int | None = None, max_pixels: int | None = None, use_prefix_cache: bool = False):
+                 min_pixels: int | None = None, max_pixels: int | None = None, use_prefix_cache: bool = True):
         """tp > 1 runs the language model in `tp` worker processes (torch.distributed: gloo on the CPU,
         NCCL on CUDA); the vision tower and everything else stay in this process. min_pixels /
         max_pixels replace the checkpoint's resolution bounds (dynamic-resolution families only). data_type
         "auto" runs bf16 on CPUs with bf16 matrix units (AMX, AVX512-BF16), fp32 on other CPUs and the
-        checkpoint's dtype on CUDA; "fp32", "bf16", "fp16" choose. use_prefix_cache shares the KV of
-        equal prompt prefixes between requests (engine/kv_manager.py)."""
+        checkpoint's dtype on CUDA; "fp32", "bf16", "fp16" choose. use_prefix_cache (on, as in the server)
+        shares the KV of equal prompt prefixes between requests (engine/kv_manager.py)."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         ckpt = LoadedCheckpoint.open(model_dir)
         dtype = resolve_dtype(data_type, device, model_dir)

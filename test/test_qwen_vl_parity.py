@@ -83,7 +83,8 @@ def test_requests_joining_a_running_batch_match_transformers(pipe, qwen_vl_refer
         done.update((r.index, r) for r in pipe.step())
     for req_id, (label, conversation) in ids.items():
         check(qwen_vl_reference, conversation, done[req_id], f"joined: {label}")
-    assert pipe.scheduler.allocator.num_used == 0 and not pipe.images
+    pipe.scheduler.check_integrity()  # every slot free or in the prefix cache, none held by a request
+    assert not pipe.scheduler.running and not pipe.images
 
 
 def test_first_step_logits_match_transformers(pipe, qwen_vl_reference, monkeypatch):

@@ -62,7 +62,8 @@ def test_videos_alone_and_in_a_batch_match_transformers(qwen_vl_reference, pipes
     for (label, *_), response in zip(cases(video_fixtures) * 2, responses):
         reference, inputs = references[label]
         assert_same_greedy(qwen_vl_reference, response.token_ids, reference, inputs, f"batch: {label}")
-    assert pipe.scheduler.allocator.num_used == 0 and not pipe.images
+    pipe.scheduler.check_integrity()  # every slot free or in the prefix cache, none held by a request
+    assert not pipe.scheduler.running and not pipe.images
 
 
 @torch.no_grad()
