@@ -6,8 +6,9 @@
   native stream's error event, or the OpenAI stream's `{"error": ...}` chunk and `[DONE]`); then the
   event loop stops and the room exits.
 - SIGUSR1 (sent by the launcher when another room died): fail every request at once, the same way,
-  and answer 503 on every route until the launcher stops this room last. The launcher writes the
-  reason into `DOWN_FILE` in the IPC folder before the signal.
+  and answer 503 on every route until the launcher stops this room last, and for at least
+  `DOWN_HOLD_SECONDS` (a health probe sees the 503 rather than a refused connection). The launcher
+  writes the reason into `DOWN_FILE` in the IPC folder before the signal.
 - If the launcher itself is gone (SIGTERM from PR_SET_PDEATHSIG), there is nobody left to finish the
   requests: no grace period.
 """
@@ -26,6 +27,7 @@ logger = get_logger(__name__)
 
 DOWN_FILE = "down"  # in the IPC folder: why the launcher is stopping the server (a room died)
 FLUSH_SECONDS = 3.0  # after failing the rest: time for the handlers to write their error and return
+DOWN_HOLD_SECONDS = 2.0  # after a room died: answer 503 at least this long, so probes see it, not a refusal
 PROBES = ("/health", "/liveness", "/readiness", "/metrics")  # answered while stopping
 
 
@@ -44,6 +46,7 @@ class Lifecycle:
         self.idle = asyncio.Event()
         self.idle.set()
         self.drainer: asyncio.Task | None = None
+        self.down_at: float | None = None  # loop time of the SIGUSR1 (a room died)
 
     def install(self, loop: asyncio.AbstractEventLoop) -> None:
         loop.add_signal_handler(signal.SIGTERM, self.on_sigterm)
@@ -91,6 +94,7 @@ class Lifecycle:
             detail = "a room of the server stopped"
         self.reason = f"{detail}; the server is shutting down"
         self.is_draining = False
+        self.down_at = asyncio.get_running_loop().time()
         logger.error("%s: failing %d request(s)", detail, len(self.manager.states))
         self.manager.fail_all(503, self.reason)
 
@@ -103,4 +107,7 @@ class Lifecycle:
                                        f"grace period of {grace:.0f} s (--graceful_shutdown_timeout)")
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.idle.wait(), FLUSH_SECONDS)
-        asyncio.get_running_loop().stop()
+        loop = asyncio.get_running_loop()
+        if self.down_at is not None and os.getppid() == self.parent:
+            await asyncio.sleep(max(0.0, self.down_at + DOWN_HOLD_SECONDS - loop.time()))
+        loop.stop()
