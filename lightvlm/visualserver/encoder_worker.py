@@ -47,28 +47,35 @@ class EncoderService(NoDelayService):
         self.faulty_keys: set[str] = set()
 
     def exposed_encode(self, payload: bytes) -> bytes:
-        with working(self.cpu_share):
-            return self._encode(pickle.loads(payload))
-
-    def _encode(self, items: list[ImageItem]) -> bytes:
+        items: list[ImageItem] = pickle.loads(payload)
         results: dict[str, EncodeResult] = {}
         pixels: dict[str, np.ndarray] = {}
-        for item in items:
+        for item in items:  # decoding and preprocessing run on one thread: not counted as busy
             try:
                 pixels[item.key] = self._load(item)
             except Exception as e:  # noqa: BLE001 (a bad image fails its own requests only)
                 results[item.key] = EncodeResult(item.key, f"the image could not be decoded: {e}", status=400)
         ready = [item for item in items if item.key in pixels]
+        # Sharing the cores, one image per unit of work: the thread count follows the model worker's
+        # steps within a batch (a vision tower on the CPU gains nothing from batching images).
+        groups = [[item] for item in ready] if self.cpu_share is not None else [ready]
+        for group in groups:
+            with working(self.cpu_share):
+                results.update(self._encode_group(group, pixels))
+        return pickle.dumps([results.get(item.key, EncodeResult(item.key)) for item in items])
+
+    def _encode_group(self, items: list[ImageItem], pixels: dict[str, np.ndarray]) -> dict[str, EncodeResult]:
+        failed = {}
         try:
-            self._encode_and_store(ready, pixels)
+            self._encode_and_store(items, pixels)
         except Exception:  # noqa: BLE001
-            for item in ready:  # find the culprit: one image at a time
+            for item in items:  # find the culprit: one image at a time
                 try:
                     self._encode_and_store([item], pixels)
                 except Exception as e:  # noqa: BLE001
                     logger.exception("vision encoder failed on image %s", item.key)
-                    results[item.key] = EncodeResult(item.key, f"the vision encoder failed: {type(e).__name__}: {e}")
-        return pickle.dumps([results.get(item.key, EncodeResult(item.key)) for item in items])
+                    failed[item.key] = EncodeResult(item.key, f"the vision encoder failed: {type(e).__name__}: {e}")
+        return failed
 
     def _load(self, item: ImageItem) -> np.ndarray:
         data = shm.read_media(item.shm_name, item.num_bytes)
