@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from lightvlm.common.triton_kernels.copy_kv import gather_kv
 from lightvlm.common.triton_kernels.ops import ops_for
 
 
@@ -81,8 +82,8 @@ class InferState:
                 out[rows] = prefill_attention(q[rows], k[rows].transpose(0, 1), v[rows].transpose(0, 1), 0)
             else:
                 slots = chunk.context_slots
-                out[rows] = prefill_attention(q[rows], k_cache.index_select(1, slots),
-                                              v_cache.index_select(1, slots), chunk.start)
+                out[rows] = prefill_attention(q[rows], gather_kv(k_cache, slots), gather_kv(v_cache, slots),
+                                              chunk.start)
         return out.reshape(out.shape[0], -1)
 
 

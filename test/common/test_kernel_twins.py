@@ -14,7 +14,7 @@ from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLTextConfi
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextRotaryEmbedding
 
 from lightvlm.common.triton_kernels.context_attention import context_attention_torch
-from lightvlm.common.triton_kernels.copy_kv import copy_kv_torch
+from lightvlm.common.triton_kernels.copy_kv import copy_kv_torch, gather_kv
 from lightvlm.common.triton_kernels.embed_splice import embed_splice_torch
 from lightvlm.common.triton_kernels.rmsnorm import fused_add_rmsnorm_torch, rmsnorm_torch
 from lightvlm.common.triton_kernels.rotary import mrope_axes, rotary_torch
@@ -240,3 +240,14 @@ def test_top_k_top_p_twin_is_the_samplers_filters():
     assert torch.equal(top_k_top_p_torch(logits, k, p).isinf(), expected.isinf())
     kept = top_k_top_p_torch(logits, k, p).isfinite().sum(dim=1).tolist()
     assert kept[1] == 10 and kept[3] == 1  # the ten tied tokens all stay; top_p 0 keeps the most likely
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gather_kv_is_the_slot_index_bit_for_bit(dtype):
+    torch.manual_seed(0)
+    cache = torch.randn(3, 200, 80).to(dtype)
+    slots = torch.tensor([5, 199, 0, 17, 17, 42, 3])  # out of order, a repeat (a padded table's filler)
+    gathered = gather_kv(cache, slots)
+    assert gathered.shape == (3, 7, 80) and gathered.is_contiguous()
+    assert torch.equal(gathered, cache[:, slots]) and torch.equal(gathered, cache.index_select(1, slots))
+    assert gather_kv(cache, slots[:0]).shape == (3, 0, 80)

@@ -20,6 +20,8 @@ device sync; when None it is read from num_new. The twin ignores it.
 import torch
 import torch.nn.functional as F
 
+from lightvlm.common.triton_kernels.copy_kv import gather_kv
+
 try:
     import triton
     import triton.language as tl
@@ -38,8 +40,8 @@ def context_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     for row, start, n, prefix in zip(table_rows.tolist(), q_starts.tolist(), num_new.tolist(),
                                      prefix_lens.tolist()):
         slots = slot_table[row, :prefix + n]
-        k = k_cache.index_select(1, slots).unsqueeze(0)  # [1, kv_heads, L, D]
-        v = v_cache.index_select(1, slots).unsqueeze(0)
+        k = gather_kv(k_cache, slots).unsqueeze(0)  # [1, kv_heads, L, D]
+        v = gather_kv(v_cache, slots).unsqueeze(0)
         queries = q[start:start + n].transpose(0, 1).unsqueeze(0)  # [1, heads, n, D]
         if prefix == 0:
             attended = F.scaled_dot_product_attention(queries, k, v, is_causal=True, enable_gqa=True)

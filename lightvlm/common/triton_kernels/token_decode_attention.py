@@ -10,6 +10,8 @@ per (request, head), with an online softmax over blocks of the context; it compu
 
 import torch
 
+from lightvlm.common.triton_kernels.copy_kv import gather_kv
+
 try:
     import triton
     import triton.language as tl
@@ -23,8 +25,8 @@ def token_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache
     batch, heads, dim = q.shape
     kv_heads, longest = k_cache.shape[0], slot_table.shape[1]
     slots = slot_table.flatten()
-    k = k_cache.index_select(1, slots).view(kv_heads, batch, longest, dim)  # [kv_heads, B, L, D]
-    v = v_cache.index_select(1, slots).view(kv_heads, batch, longest, dim)
+    k = gather_kv(k_cache, slots).view(kv_heads, batch, longest, dim)  # [kv_heads, B, L, D]
+    v = gather_kv(v_cache, slots).view(kv_heads, batch, longest, dim)
     is_real = torch.arange(longest, device=q.device)[None, :] < lengths[:, None]
     bias = torch.zeros(is_real.shape, device=q.device).masked_fill_(~is_real, float("-inf"))
     q = q.view(batch, kv_heads, heads // kv_heads, dim).transpose(0, 1)  # [kv_heads, B, group, D]
