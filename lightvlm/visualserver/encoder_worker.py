@@ -65,16 +65,19 @@ class EncoderService(NoDelayService):
         return pickle.dumps([results.get(item.key, EncodeResult(item.key)) for item in items])
 
     def _encode_group(self, items: list[ImageItem], pixels: dict[str, np.ndarray]) -> dict[str, EncodeResult]:
+        if len(items) > 1:
+            try:
+                self._encode_and_store(items, pixels)
+                return {}
+            except Exception:  # noqa: BLE001 (find the culprit below: one image at a time)
+                pass
         failed = {}
-        try:
-            self._encode_and_store(items, pixels)
-        except Exception:  # noqa: BLE001
-            for item in items:  # find the culprit: one image at a time
-                try:
-                    self._encode_and_store([item], pixels)
-                except Exception as e:  # noqa: BLE001
-                    logger.exception("vision encoder failed on image %s", item.key)
-                    failed[item.key] = EncodeResult(item.key, f"the vision encoder failed: {type(e).__name__}: {e}")
+        for item in items:
+            try:
+                self._encode_and_store([item], pixels)
+            except Exception as e:  # noqa: BLE001
+                logger.exception("vision encoder failed on image %s", item.key)
+                failed[item.key] = EncodeResult(item.key, f"the vision encoder failed: {type(e).__name__}: {e}")
         return failed
 
     def _load(self, item: ImageItem) -> np.ndarray:
