@@ -3,7 +3,10 @@
 On a CUDA machine, in a few minutes and on the demo checkpoints only (no downloads), it runs:
   1. kernels: every Triton kernel against its torch twin on the GPU (test/common/triton_check.py cuda);
   2. parity: the pipeline parity tests (test/test_pipeline_parity.py; the pipeline picks CUDA when it
-     is there): fp32 token-exact against transformers, bf16 by teacher-forced agreement;
+     is there, and replays decode steps from CUDA graphs): fp32 token-exact against transformers, bf16
+     by teacher-forced agreement;
+  2b. graphs: decode through captured CUDA graphs against op by op, same tokens, both speeds
+     (benchmark/graph_check.py);
   3. serving: the server (`--enable_multimodal --tp 1`) on the demo checkpoint, a short load at
      concurrency 1 and 32 (benchmark/serve.py): throughput, TTFT and TPOT (serve_c*.json);
   4. memory: torch.cuda.max_memory_allocated of one short pipeline generation;
@@ -27,7 +30,7 @@ import torch
 from lightvlm.common.ports import free_ports
 
 REPO = Path(__file__).resolve().parent.parent
-STEP_TIMEOUT_S = 100  # each of five parts, so that the whole stays under 8 minutes
+STEP_TIMEOUT_S = 80  # each of six parts, so that the whole stays under 8 minutes
 
 
 def run_step(name: str, command: list[str], env: dict | None = None) -> dict:
@@ -50,6 +53,10 @@ def kernel_step() -> dict:
 def parity_step() -> dict:
     return run_step("parity", [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                                "test/test_pipeline_parity.py"])
+
+
+def graph_step() -> dict:
+    return run_step("graphs", [sys.executable, "-m", "benchmark.graph_check"])
 
 
 def wait_healthy(url: str, server: subprocess.Popen, timeout: float = 120) -> None:
@@ -110,7 +117,7 @@ def main(argv=None) -> int:
         print("gpu-check needs a CUDA GPU: torch.cuda.is_available() is False on this machine", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    steps = [kernel_step(), parity_step(), *serve_step(args.out), memory_step()]
+    steps = [kernel_step(), parity_step(), graph_step(), *serve_step(args.out), memory_step()]
     write_report(args.out, steps)
     print((args.out / "report.md").read_text())
     return 0 if all(s["ok"] for s in steps) else 1

@@ -40,6 +40,7 @@ class ModelConfig:
     device: str = "cpu"
     trust_remote_code: bool = False  # accepted for LightLLM compatibility; checkpoint code never runs
     load_workers: int = 1
+    graph_max_batch_size: int = 0  # CUDA graphs for decode batches up to this size; 0: none (the CPU, or disabled)
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "bf16 where it has AMX or AVX512-BF16, fp32 elsewhere; on CUDA the checkpoint's dtype")
     g.add_argument("--trust_remote_code", action="store_true",
                    help="accepted for compatibility; lightvlm never runs code from the checkpoint")
+    g.add_argument("--disable_cuda_graph", action="store_true",
+                   help="on CUDA, launch every decode step op by op instead of replaying captured CUDA graphs")
+    g.add_argument("--graph_max_batch_size", type=int, default=64,
+                   help="on CUDA, decode batches up to this size replay CUDA graphs captured at start-up (sizes "
+                        "1, 2, 4, 8, 16, ... padded up); larger batches run op by op. The CPU never captures")
     g = p.add_argument_group("memory and batching")
     g.add_argument("--mem_fraction", type=float, default=0.9,
                    help="share of device memory for weights + KV cache; on the CPU, share of the RAM available "
@@ -281,7 +287,8 @@ def parse_config(argv: list[str] | None, model_dir: str, device: str, num_device
     args = build_parser().parse_args(argv)
     check_positive(args, "tp", "max_total_token_num", "max_req_total_len", "batch_max_tokens", "running_max_req_size",
                    "visual_infer_batch_size", "cache_capacity", "cache_max_mb", "visual_dp", "visual_tp",
-                   "llm_threads", "visual_threads", "max_body_size", "max_image_bytes", "max_image_pixels",
+                   "llm_threads", "visual_threads", "graph_max_batch_size",
+                   "max_body_size", "max_image_bytes", "max_image_pixels",
                    "min_pixels", "max_pixels", "max_video_bytes", "max_video_frames", "video_max_pixels",
                    "max_connections")
     for name in ("http_header_timeout", "http_body_timeout", "keep_alive_timeout"):
@@ -308,7 +315,9 @@ def parse_config(argv: list[str] | None, model_dir: str, device: str, num_device
     return ServerConfig(
         model=ModelConfig(model_dir=model_dir, model_name=args.model_name or os.path.basename(model_dir.rstrip("/")),
                           tp=args.tp, data_type=args.data_type, device=device,
-                          trust_remote_code=args.trust_remote_code, load_workers=load_workers()),
+                          trust_remote_code=args.trust_remote_code, load_workers=load_workers(),
+                          graph_max_batch_size=(args.graph_max_batch_size
+                                                if device == "cuda" and not args.disable_cuda_graph else 0)),
         router=RouterConfig(max_total_token_num=args.max_total_token_num, mem_fraction=args.mem_fraction,
                             max_req_total_len=max_len,
                             batch_max_tokens=args.batch_max_tokens or (8192 if device == "cuda" else 512),

@@ -198,7 +198,7 @@ class RemoteRunner:
     def __init__(self, model_dir: str | Path, tp: int, config: RunnerConfig, data_type: str):
         server_config = ServerConfig(
             model=ModelConfig(str(model_dir), Path(model_dir).name, tp=tp, data_type=data_type, device=config.device,
-                              load_workers=config.load_workers),
+                              load_workers=config.load_workers, graph_max_batch_size=config.graph_max_batch_size),
             router=RouterConfig(max_total_token_num=config.num_slots, max_req_total_len=config.max_len,
                                 running_max_req_size=config.max_reqs),
             cpu=CpuConfig(cores=os.cpu_count() or 1))
@@ -235,13 +235,15 @@ class Pipeline:
     def __init__(self, model_dir: str | Path, tp: int = 1, max_batch_size: int = 64, session_len: int | None = None,
                  max_total_token_num: int | None = None, batch_max_tokens: int | None = None,
                  data_type: str = "auto", device: str | None = None, show_progress: bool = False,
-                 min_pixels: int | None = None, max_pixels: int | None = None, use_prefix_cache: bool = True):
+                 min_pixels: int | None = None, max_pixels: int | None = None, use_prefix_cache: bool = True,
+                 cuda_graph: bool = True):
         """tp > 1 runs the language model in `tp` worker processes (torch.distributed: gloo on the CPU,
         NCCL on CUDA); the vision tower and everything else stay in this process. min_pixels /
         max_pixels replace the checkpoint's resolution bounds (dynamic-resolution families only). data_type
         "auto" runs bf16 on CPUs with bf16 matrix units (AMX, AVX512-BF16), fp32 on other CPUs and the
         checkpoint's dtype on CUDA; "fp32", "bf16", "fp16" choose. use_prefix_cache (on, as in the server)
-        shares the KV of equal prompt prefixes between requests (engine/kv_manager.py)."""
+        shares the KV of equal prompt prefixes between requests (engine/kv_manager.py). cuda_graph (CUDA
+        only) replays decode steps of up to 64 requests from CUDA graphs (engine/decode_graphs.py)."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         ckpt = LoadedCheckpoint.open(model_dir)
         dtype = resolve_dtype(data_type, device, model_dir)
@@ -256,8 +258,10 @@ class Pipeline:
         workers = load_workers()
         self.visual = VisualEncoder(ckpt, dtype, device, load_workers=workers,
                                     show_progress=show_progress) if ckpt.is_multimodal else None
+        graph_max_batch_size = min(max_batch_size, 64) if cuda_graph and torch.device(device).type == "cuda" else 0
         runner_config = RunnerConfig(num_slots=num_slots, max_reqs=max_batch_size, max_len=self.session_len,
-                                     dtype=dtype, device=device, load_workers=workers)
+                                     dtype=dtype, device=device, load_workers=workers,
+                                     graph_max_batch_size=graph_max_batch_size)
         if tp == 1:
             self.images = ImageStore()
             self.runner = ModelRunner(ckpt, runner_config, self.images, show_progress=show_progress)

@@ -6,20 +6,19 @@ which writes this step's K/V into the cache at the step's slots and attends each
 over its whole context gathered from the cache.
 
 Two shapes of request share a step: decode rows (one query each) are attended together by
-`token_decode_attention` (a Triton kernel on CUDA, its torch twin on the CPU, as
-triton_kernels/ops.py selects); prefill chunks
-(several queries) are attended one request at a time, causally, offset by the context already cached.
+`token_decode_attention`; prefill chunks (several queries) by `context_attention`, causally, offset
+by the context already cached (the prefix cache's part and earlier chunks). Both read the context
+where it lies in the cache, through the slot table. Each op is a Triton kernel on CUDA and its torch
+twin on the CPU, as triton_kernels/ops.py selects.
 
 The buffer is head-major, `[kv_heads, slots, head_dim]` per layer, so that gathering a batch's
 context gives `[kv_heads, B, L, D]`, contiguous, which the decode matmuls take without a copy.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from lightvlm.common.triton_kernels.copy_kv import gather_kv
 from lightvlm.common.triton_kernels.ops import ops_for
 
 
@@ -43,11 +42,16 @@ class KVCache:
 
 
 @dataclass
-class PrefillChunk:
-    row: int  # first row of this request's queries in the step
-    num_tokens: int
-    context_slots: torch.Tensor  # [L] slots of the whole context, this chunk's included
-    start: int  # tokens already cached before this chunk
+class PrefillBatch:
+    """The step's prefill chunks (requests with more than one new token), as `context_attention` takes
+    them: chunk i has the step's rows q_starts[i] .. + num_new[i], its context in the slot table's row
+    table_rows[i], prefix_lens[i] tokens of it cached before this step."""
+
+    table_rows: torch.Tensor  # [P]
+    q_starts: torch.Tensor  # [P]
+    num_new: torch.Tensor  # [P]
+    prefix_lens: torch.Tensor  # [P]
+    max_num_new: int  # the largest num_new (sizes the kernel's grid without a device sync)
 
 
 @dataclass
@@ -56,11 +60,12 @@ class InferState:
     positions: torch.Tensor  # [T]
     out_slots: torch.Tensor  # [T] where each row's K/V is written
     kv: KVCache
+    slot_table: torch.Tensor  # [max_reqs, max_len] each request's context slots (the runner's req_to_slots)
     logit_rows: torch.Tensor  # [S] rows whose next-token logits are sampled
     decode_rows: torch.Tensor | slice | None = None  # [B] rows of single-query requests (a slice when contiguous)
     decode_slots: torch.Tensor | None = None  # [B, Lmax] their context slots (padding past each length)
     decode_lengths: torch.Tensor | None = None  # [B]
-    prefills: list[PrefillChunk] = field(default_factory=list)
+    prefill: PrefillBatch | None = None
     image_rows: torch.Tensor | None = None  # [R] rows replaced by image embeddings
     image_embeds: torch.Tensor | None = None  # [R, H]
 
@@ -73,31 +78,11 @@ class InferState:
         if self.decode_rows is not None:
             decoded = ops.token_decode_attention(q[self.decode_rows], k_cache, v_cache, self.decode_slots,
                                                  self.decode_lengths)
-            if not self.prefills and decoded.shape[0] == q.shape[0]:  # a decode-only step: no copy
+            if self.prefill is None and decoded.shape[0] == q.shape[0]:  # a decode-only step: no copy
                 return decoded.reshape(decoded.shape[0], -1)
             out[self.decode_rows] = decoded
-        for chunk in self.prefills:
-            rows = slice(chunk.row, chunk.row + chunk.num_tokens)
-            if chunk.start == 0:  # nothing cached before: attend over this step's own K/V
-                out[rows] = prefill_attention(q[rows], k[rows].transpose(0, 1), v[rows].transpose(0, 1), 0)
-            else:
-                slots = chunk.context_slots
-                out[rows] = prefill_attention(q[rows], gather_kv(k_cache, slots), gather_kv(v_cache, slots),
-                                              chunk.start)
+        if self.prefill is not None:
+            p = self.prefill
+            ops.context_attention(q, k_cache, v_cache, self.slot_table, p.table_rows, p.q_starts, p.num_new,
+                                  p.prefix_lens, p.max_num_new, out=out)
         return out.reshape(out.shape[0], -1)
-
-
-def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
-    """Causal attention of n queries at positions start..start+n-1 over L = start + n keys.
-
-    q: [n, heads, D]; k, v: [kv_heads, L, D] -> [n, heads, D].
-    """
-    n, length = q.shape[0], k.shape[1]
-    q, k, v = q.transpose(0, 1).unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
-    if start == 0:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    else:
-        query_pos = torch.arange(start, start + n, device=q.device)[:, None]
-        mask = torch.arange(length, device=q.device)[None, :] <= query_pos
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    return out.squeeze(0).transpose(0, 1)

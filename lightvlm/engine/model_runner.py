@@ -29,7 +29,8 @@ from lightvlm.engine.constraints import (
     consume_grammar,
     start_grammar_masks,
 )
-from lightvlm.engine.infer_state import InferState, KVCache, PrefillChunk
+from lightvlm.engine.decode_graphs import DecodeGraphs
+from lightvlm.engine.infer_state import InferState, KVCache, PrefillBatch
 from lightvlm.engine.sampler import SamplingBatch, sample
 from lightvlm.io_struct import PENDING_TOKEN, ReqInit, StepInput, StepOutput, TokenLogprob
 from lightvlm.models.checkpoint import LoadedCheckpoint
@@ -54,6 +55,7 @@ class RunnerConfig:
     dtype: torch.dtype = torch.float32
     device: str = "cpu"
     load_workers: int = 1
+    graph_max_batch_size: int = 0  # decode steps up to this batch run from CUDA graphs (0: none; see decode_graphs)
 
 
 @dataclass
@@ -89,9 +91,16 @@ class ModelRunner:
         # image rows carry hash-derived ids; for penalties they count as the family's image token
         self.image_token_id = getattr(ckpt.config, "image_token_id", None)
         kv_heads = kv_heads_per_rank(text.num_kv_heads, tp.size)
-        self.kv = KVCache.allocate(text.num_layers, config.num_slots, kv_heads, text.head_dim,
+        num_graph_reqs = min(config.graph_max_batch_size, config.max_reqs)
+        # with decode graphs, one slot past the pool takes the padding rows' K/V
+        self.kv = KVCache.allocate(text.num_layers, config.num_slots + (num_graph_reqs > 0), kv_heads, text.head_dim,
                                    config.dtype, self.device)
         self.req_to_slots = torch.zeros(config.max_reqs, config.max_len, dtype=torch.long, device=self.device)
+        self.decode_graphs = None
+        if num_graph_reqs:
+            self.decode_graphs = DecodeGraphs(self.model, self.kv, self.req_to_slots, num_graph_reqs,
+                                              self.model.position_dims, pad_slot=config.num_slots,
+                                              capture=self.device.type == "cuda")
         self.free_rows = list(range(config.max_reqs - 1, -1, -1))
         self.reqs: dict[int, RunnerReq] = {}
         self.num_prompt_tokens_computed = 0  # prompt tokens this rank ran through the model (not cached)
@@ -218,7 +227,10 @@ class ModelRunner:
             state.logit_rows = torch.cat([rows, state.logit_rows])
         if self.grammar_masks is not None:  # filled while the forward runs
             start_grammar_masks(self.grammar_masks, step, self.reqs, sampled_ids)
-        logits = self.model(state)
+        if self.decode_graphs is not None and not prompt_rows and self.decode_graphs.fits(state):
+            logits = self.decode_graphs.forward(state)
+        else:
+            logits = self.model(state)
         self._commit(step)  # the step ran through: only now advance what a rerun must not see advanced
         prompt_out = ()
         if prompt_chunks:
@@ -259,7 +271,7 @@ class ModelRunner:
         vocab = self.vocab_size
         input_ids = torch.tensor([t if t < vocab else 0 for t in step.input_ids], dtype=torch.long)
         new_slots = torch.tensor(step.new_slots, dtype=torch.long)
-        positions, logit_rows, sampled_ids, prefills = [], [], [], []
+        positions, logit_rows, sampled_ids, prefills = [], [], [], []  # prefills: (table row, row, n, start)
         decode_rows, decode_lengths, decode_table_rows, image_rows, image_embeds = [], [], [], [], []
         row = 0
         for req_id, n, samples in zip(step.req_ids, step.num_new_tokens, step.samples):
@@ -273,7 +285,7 @@ class ModelRunner:
                 decode_lengths.append(start + 1)
                 decode_table_rows.append(req.row)
             else:
-                prefills.append(PrefillChunk(row, n, self.req_to_slots[req.row, :start + n], start))
+                prefills.append((req.row, row, n, start))
             if samples:
                 logit_rows.append(row + n - 1)
                 sampled_ids.append(req_id)
@@ -283,9 +295,12 @@ class ModelRunner:
             positions=torch.cat(positions, dim=-1).to(dev),
             out_slots=new_slots.to(dev),
             kv=self.kv,
+            slot_table=self.req_to_slots,
             logit_rows=torch.tensor(logit_rows, dtype=torch.long, device=dev),
-            prefills=prefills,
         )
+        if prefills:
+            columns = torch.tensor(prefills, dtype=torch.long).t().contiguous().to(dev)  # each row contiguous
+            state.prefill = PrefillBatch(*columns, max_num_new=max(n for _, _, n, _ in prefills))
         if decode_rows:
             lengths = torch.tensor(decode_lengths, device=dev)
             longest = max(decode_lengths)

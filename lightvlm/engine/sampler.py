@@ -2,7 +2,8 @@
 
 Order (as vLLM and transformers apply them): the per-request masks (allowed_token_ids, the output
 grammar's token mask, bad words and min-tokens), logit_bias, penalties, then for sampling rows
-temperature, top-k, top-p and min-p, then a draw. Masks and biases touch only the rows that have
+temperature, top-k and top-p (the `top_k_top_p` op: a Triton kernel on CUDA, its torch twin on the
+CPU) and min-p, then a draw. Masks and biases touch only the rows that have
 them. Greedy rows take the argmax of the penalized logits.
 Rows with a seed draw their randomness from their own generator, so the same seed and request give
 the same tokens whatever else shares the batch.
@@ -15,6 +16,8 @@ import sys
 from dataclasses import dataclass
 
 import torch
+
+from lightvlm.common.triton_kernels.ops import ops_for
 
 NEG_INF = float("-inf")
 BIT_POSITIONS = torch.arange(32, dtype=torch.int32)
@@ -58,28 +61,6 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
 def apply_presence_frequency(logits: torch.Tensor, counts: torch.Tensor, presence: torch.Tensor,
                              frequency: torch.Tensor) -> torch.Tensor:
     return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0).to(logits.dtype)
-
-
-def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
-    """Keep tokens whose logit is >= the k-th largest (ties at the boundary stay, as transformers)."""
-    vocab = logits.shape[-1]
-    if bool((top_k >= vocab).all()):
-        return logits
-    k = top_k.clamp(1, vocab)
-    kth = torch.topk(logits, int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None])
-    return logits.masked_fill(logits < kth, NEG_INF)
-
-
-def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Drop the least likely tokens whose cumulative probability stays within 1 - top_p; keep >= 1."""
-    if bool((top_p >= 1).all()):
-        return logits
-    sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
-    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    remove_sorted = cumulative <= (1 - top_p)[:, None]
-    remove_sorted[:, -1] = False
-    remove = remove_sorted.scatter(1, order, remove_sorted)
-    return logits.masked_fill(remove, NEG_INF)
 
 
 def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
@@ -136,8 +117,7 @@ def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         return logits
     temperature = torch.where(batch.is_greedy, 1.0, batch.temperature)
     logits = logits / temperature[:, None]
-    logits = apply_top_k(logits, batch.top_k)
-    logits = apply_top_p(logits, batch.top_p)
+    logits = ops_for(logits.device).top_k_top_p(logits, batch.top_k, batch.top_p)
     return apply_min_p(logits, batch.min_p)
 
 

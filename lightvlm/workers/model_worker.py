@@ -133,7 +133,8 @@ def start_worker_process(config: ServerConfig, rank: int, pipe) -> None:
                                "--max_total_token_num, or lower --max_req_total_len")
         runner_config = RunnerConfig(num_slots=num_slots, max_reqs=config.router.running_max_req_size,
                                      max_len=max_len, dtype=dtype, device=str(device),
-                                     load_workers=config.model.load_workers)
+                                     load_workers=config.model.load_workers,
+                                     graph_max_batch_size=config.model.graph_max_batch_size)
         store = ShmImageStore(config.runtime.shm_prefix)
         runner = ModelRunner(ckpt, runner_config, store, tp=tp, show_progress=rank == 0)
         logger.info("rank %d/%d ready: %d KV slots, %s on %s, %s", rank, tp.size, num_slots, dtype, device,

@@ -10,13 +10,12 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from lightvlm.common.triton_kernels.top_k_top_p import top_k_top_p_torch
 from lightvlm.engine.sampler import (
     SamplingBatch,
     apply_min_p,
     apply_presence_frequency,
     apply_repetition_penalty,
-    apply_top_k,
-    apply_top_p,
     process_logits,
     sample,
     unpack_bitmask,
@@ -50,12 +49,27 @@ def test_repetition_penalty_equals_transformers(logits):
 
 @pytest.mark.parametrize("k", [1, 5, 49])
 def test_top_k_equals_transformers(logits, k):
-    assert same(apply_top_k(logits, torch.full((4,), k)), TopKLogitsWarper(k)(None, logits.clone()))
+    filtered = top_k_top_p_torch(logits, torch.full((4,), k), torch.ones(4))
+    assert same(filtered, TopKLogitsWarper(k)(None, logits.clone()))
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 def test_top_p_equals_transformers(logits, p):
-    assert same(apply_top_p(logits, torch.full((4,), p)), TopPLogitsWarper(p)(None, logits.clone()))
+    filtered = top_k_top_p_torch(logits, torch.full((4,), V), torch.full((4,), p))
+    assert same(filtered, TopPLogitsWarper(p)(None, logits.clone()))
+
+
+def test_per_row_top_k_then_top_p_equals_transformers_row_by_row(logits):
+    """The sampler's filter op with a different k and p on each row (k = V and p = 1: off)."""
+    ks, ps = [1, 7, V, 20], [0.5, 0.9, 0.3, 1.0]
+    filtered = top_k_top_p_torch(logits, torch.tensor(ks), torch.tensor(ps))
+    for row, (k, p) in enumerate(zip(ks, ps)):
+        expected = logits[row:row + 1].clone()
+        if k < V:
+            expected = TopKLogitsWarper(k)(None, expected)
+        if p < 1:
+            expected = TopPLogitsWarper(p)(None, expected)
+        assert same(filtered[row:row + 1], expected), row
 
 
 @pytest.mark.parametrize("p", [0.05, 0.3])

@@ -14,11 +14,14 @@ below is resolved once per device type (cached), so no call site tests the devic
     embed_splice            embed_splice              embed_splice_torch        image rows over placeholders
     top_k_top_p             top_k_top_p               top_k_top_p_torch         the sampler's filters
 
-Each twin computes what the engine's CPU code computed before the table existed (the twins' tests
-hold them bit for bit to it), so the CPU path's outputs do not change. A CUDA machine without triton
-runs the twins too. Not in the table: `token_decode_attention_split` (split-K for long contexts) and
-`rotary_copy_kv` (rotary fused into the KV write), which no call site uses yet: rotary runs in the
-model and the KV write in the engine's InferState, and the CPU prefill attends the step's rotated K.
+Call sites: `InferState.attention` (copy_kv, token_decode_attention, context_attention), the decoder
+layers (rmsnorm, fused_add_rmsnorm, rotary, silu_and_mul), `CausalLM.embed` (embed_splice) and the
+sampler (top_k_top_p). Each twin computes what the engine's CPU code computed before the table existed
+(the twins' tests hold them bit for bit to transformers' layers where parity needs it), so the CPU
+path stays token-exact. A CUDA machine without triton runs the twins too. Not in the table:
+`token_decode_attention_split` (split-K for long contexts) and `rotary_copy_kv` (rotary fused into the
+KV write), which no call site uses: rotary runs in the model and the KV write in the engine's
+InferState, two sides the model/engine seam keeps apart.
 """
 
 from collections.abc import Callable

@@ -1,11 +1,13 @@
-"""Rotary position embedding (rotate-half form) on q and k, in place; 1-D positions or M-RoPE.
+"""Rotary position embedding (rotate-half form) on q and k; 1-D positions or M-RoPE.
 
     q, k = rotary(q, k, positions, cos, sin, mrope_section=None, is_interleaved=False)
 
 q: [T, heads, D], k: [T, kv_heads, D] (any row and head strides, e.g. views of a fused qkv
-projection), rotated in place and returned. cos, sin: [max_positions, D] tables (row p = the angles of
-position p, both halves repeating the D / 2 frequencies, as `RotaryEmbedding` builds them). Each
-row t becomes x * cos[p] + rotate_half(x) * sin[p], rotate_half(x) = [-x[D/2:], x[:D/2]].
+projection); returns the rotated q and k: the kernel rotates them in place, the twin returns new
+tensors (copying back would cost the CPU one more pass), so callers use what is returned.
+cos, sin: [max_positions, D] tables (row p = the angles of position p, both halves repeating the
+D / 2 frequencies, as `RotaryEmbedding` builds them). Each row t becomes
+x * cos[p] + rotate_half(x) * sin[p], rotate_half(x) = [-x[D/2:], x[:D/2]].
 
 positions: [T] integer (one position per row), or [3, T] for M-RoPE (temporal, height, width), where
 `mrope_section` (summing to D / 2, e.g. [16, 24, 24]) says which of the three positions each of the
@@ -61,12 +63,11 @@ def rotary_angles(positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
 
 def rotary_torch(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  mrope_section: list[int] | None = None, is_interleaved: bool = False):
-    """The torch twin: in q's dtype, as `RotaryEmbedding.forward` computes it (cos and sin cast first)."""
+    """The torch twin: in q's dtype, as transformers' apply_rotary_pos_emb computes it (cos and sin cast
+    first); new tensors, q and k untouched."""
     row_cos, row_sin = rotary_angles(positions, cos, sin, mrope_section, is_interleaved)
     row_cos, row_sin = row_cos.unsqueeze(1).to(q.dtype), row_sin.unsqueeze(1).to(q.dtype)
-    q.copy_(q * row_cos + rotate_half(q) * row_sin)
-    k.copy_(k * row_cos + rotate_half(k) * row_sin)
-    return q, k
+    return q * row_cos + rotate_half(q) * row_sin, k * row_cos + rotate_half(k) * row_sin
 
 
 if triton is not None:

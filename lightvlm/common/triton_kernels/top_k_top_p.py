@@ -4,7 +4,7 @@
 
 logits: [B, V] fp32 (rows contiguous); top_k: [B] integer (V or more: off; clamped to >= 1); top_p:
 [B] float (1: off). Returns the logits with the filtered-out tokens set to -inf (a new tensor, or
-`logits` itself when no row filters), exactly as `engine.sampler.apply_top_p(apply_top_k(...))`:
+`logits` itself when no row filters), as transformers' TopK and TopP logits warpers do per row:
 - top-k keeps the tokens whose logit is >= the k-th largest (ties at the boundary stay);
 - top-p then drops the least likely tokens while their cumulative probability (of the softmax of the
   top-k result, summed from the least likely up) stays <= 1 - top_p, and always keeps the most
@@ -32,8 +32,8 @@ NEG_INF = float("-inf")
 
 
 def top_k_top_p_torch(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """The torch twin: the sampler's apply_top_k, then its apply_top_p (a sort, a softmax, a cumsum);
-    common/ may not import the engine, so the code is repeated here, and a test holds the two equal."""
+    """The torch twin (the sampler's filters on the CPU): top-k by torch.topk, then top-p by a sort, a
+    softmax and a cumulative sum."""
     vocab = logits.shape[-1]
     if not bool((top_k >= vocab).all()):
         k = top_k.clamp(1, vocab)

@@ -15,8 +15,3 @@ def get_activation(name: str):
         raise ValueError(f"unsupported activation {name!r}; supported: {', '.join(sorted(ACTIVATIONS))}")
     return ACTIVATIONS[name]
 
-
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """The gated MLP's activation on a fused [gate | up] projection."""
-    gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate).mul_(up)  # one temporary fewer: the activation's output takes the product

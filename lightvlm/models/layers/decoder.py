@@ -2,7 +2,9 @@
 
 The model never sees the KV cache. Each attention layer projects q, k, v for the step's tokens and
 hands them to `state.attention(layer_id, q, k, v)`; the engine's InferState writes k, v into the
-token-indexed KV buffer and attends over each request's gathered context.
+token-indexed KV buffer and attends over each request's context there. The layers' small ops (RMSNorm
+with the residual add, rotary, SiLU-and-mul, the image splice) go through `ops_for(device)`: Triton
+kernels on CUDA, their torch twins on the CPU (common/triton_kernels/ops.py).
 
 Shapes: T is the number of tokens in the step (all requests flattened), H the hidden size.
 """
@@ -13,12 +15,12 @@ import torch
 from torch import nn
 
 from lightvlm.common.distributed import SINGLE, TPGroup, divide
-from lightvlm.models.layers.activation import silu_and_mul
+from lightvlm.common.triton_kernels.ops import ops_for
 from lightvlm.models.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from lightvlm.models.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from lightvlm.models.layers.norm import RMSNorm
 from lightvlm.models.layers.positions import LinearPositions
-from lightvlm.models.layers.rotary import POSITION_DIMS, make_rotary
+from lightvlm.models.layers.rotary import POSITION_DIMS, Angles, make_rotary
 from lightvlm.models.text_config import TextConfig
 
 
@@ -38,10 +40,9 @@ class AttentionBackend(Protocol):
 
 
 class DecoderAttention(nn.Module):
-    def __init__(self, config: TextConfig, layer_id: int, rotary: nn.Module, tp: TPGroup):
+    def __init__(self, config: TextConfig, layer_id: int, tp: TPGroup):
         super().__init__()
         self.layer_id = layer_id
-        self.rotary = rotary
         self.head_dim = config.head_dim
         self.qkv_proj = QKVParallelLinear(config.hidden_size, config.head_dim, config.num_heads,
                                           config.num_kv_heads, config.qkv_bias, tp)
@@ -51,14 +52,14 @@ class DecoderAttention(nn.Module):
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, state: AttentionBackend) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: AttentionBackend, angles: Angles) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split(self.qkv_proj.sizes, dim=-1)
         q = q.view(q.shape[0], -1, self.head_dim)  # [T, heads, D]
         k = k.view(k.shape[0], -1, self.head_dim)  # [T, kv_heads, D]
         v = v.view(v.shape[0], -1, self.head_dim)
         if self.has_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(q, k, state.positions)
+        q, k = ops_for(q.device).rotary(q, k, *angles)
         return self.o_proj(state.attention(self.layer_id, q, k, v))
 
 
@@ -72,20 +73,21 @@ class GatedMLP(nn.Module):
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, config.mlp_bias, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(ops_for(x.device).silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: TextConfig, layer_id: int, rotary: nn.Module, tp: TPGroup):
+    def __init__(self, config: TextConfig, layer_id: int, tp: TPGroup):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = DecoderAttention(config, layer_id, rotary, tp)
+        self.self_attn = DecoderAttention(config, layer_id, tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = GatedMLP(config, tp)
 
-    def forward(self, x: torch.Tensor, state: AttentionBackend) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), state)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, state: AttentionBackend, angles: Angles) -> torch.Tensor:
+        attended = self.self_attn(self.input_layernorm(x), state, angles)
+        normed, x = self.post_attention_layernorm.add_and_norm(attended, x)  # x: the residual stream
+        return x + self.mlp(normed)
 
 
 class DecoderModel(nn.Module):
@@ -97,9 +99,9 @@ class DecoderModel(nn.Module):
         rotary = make_rotary(config.rope_form, config.head_dim, config.max_position_embeddings, config.rope_theta,
                              config.rope_scaling, config.mrope_section)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, rotary, tp) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i, tp) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary = rotary  # registered once here; the layers share it
+        self.rotary = rotary  # its angles are computed once per step and shared by the layers
 
     def forward(self, embeds: torch.Tensor, state: AttentionBackend, rows: torch.Tensor,
                 injections: tuple[torch.Tensor, ...] = (), injection_rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -107,8 +109,9 @@ class DecoderModel(nn.Module):
         `injections[i]` ([len(injection_rows), H]) is added to layer i's output at `injection_rows`
         (DeepStack feeds visual features into the first layers this way)."""
         x = embeds
+        angles = self.rotary.angles(state.positions)
         for i, layer in enumerate(self.layers):
-            x = layer(x, state)
+            x = layer(x, state, angles)
             if i < len(injections):
                 x[injection_rows] += injections[i].to(x.dtype)
         return self.norm(x[rows])
@@ -135,7 +138,7 @@ class CausalLM(nn.Module):
         """Token embeddings with the image rows written over their placeholders: [T, H]."""
         embeds = self.language_model.embed_tokens(state.input_ids)
         if state.image_rows is not None:
-            embeds[state.image_rows] = state.image_embeds.to(embeds.dtype)
+            ops_for(embeds.device).embed_splice(embeds, state.image_rows, state.image_embeds)
         return embeds
 
     def forward(self, state: AttentionBackend) -> torch.Tensor:

@@ -1,9 +1,11 @@
-"""Normalization layers. RMSNorm computes in fp32 and scales in the input dtype, as the HF models do."""
+"""Normalization layers. RMSNorm computes in fp32 and scales in the input dtype, as the HF models do
+(through the `rmsnorm` op: a Triton kernel on CUDA, its torch twin on the CPU)."""
 
 import torch
 from torch import nn
 
 from lightvlm.common.distributed import SINGLE, TPGroup
+from lightvlm.common.triton_kernels.ops import ops_for
 from lightvlm.models.layers.linear import copy_full
 
 
@@ -15,10 +17,11 @@ class RMSNorm(nn.Module):
         self.weight.weight_loader = copy_full
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return ops_for(x.device).rmsnorm(x, self.weight, self.eps)
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual) in one pass over the residual stream."""
+        return ops_for(x.device).fused_add_rmsnorm(x, residual, self.weight, self.eps)
 
 
 class ShardedRMSNorm(nn.Module):

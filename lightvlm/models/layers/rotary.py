@@ -1,7 +1,10 @@
 """Rotary position embeddings (rotate-half form): how checkpoints scale the frequencies, and how the
 positions pick them (1-D, or M-RoPE's three axes), each from a table.
 
-Positions are [T] for 1-D rotary and [3, T] (temporal, height, width) for M-RoPE.
+Positions are [T] for 1-D rotary and [3, T] (temporal, height, width) for M-RoPE. A module's
+`angles(positions)`, computed once per step, gives what the `rotary` op (triton_kernels/rotary.py)
+takes after q and k: row positions and the cos/sin tables they index. Each attention layer then
+rotates its q and k with `ops_for(device).rotary(q, k, *angles)`.
 """
 
 import math
@@ -57,10 +60,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """q: [T, heads, D], k: [T, kv_heads, D], cos/sin: [T, D] (fp32)."""
-    cos, sin = cos.unsqueeze(1).to(q.dtype), sin.unsqueeze(1).to(q.dtype)
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+# the rotary op's arguments after q and k: row positions [T] and the cos, sin tables they index
+Angles = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 class RotaryEmbedding(nn.Module):
@@ -76,9 +77,9 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
-        """positions: [T]."""
-        return apply_rotary(q, k, self.cos[positions], self.sin[positions])
+    def angles(self, positions: torch.Tensor) -> Angles:
+        """positions: [T]; the tables are indexed by them as they are."""
+        return positions, self.cos, self.sin
 
 
 def mrope_axes(mrope_section: tuple[int, ...], interleaved: bool) -> torch.Tensor:
@@ -98,7 +99,8 @@ def mrope_axes(mrope_section: tuple[int, ...], interleaved: bool) -> torch.Tenso
 
 class MRotaryEmbedding(nn.Module):
     """M-RoPE: each frequency is rotated by the position on one of three axes (temporal, height, width).
-    cos/sin are computed per step from the [3, T] positions, with the float ops transformers uses."""
+    cos/sin are computed once per step from the [3, T] positions, with the float ops transformers uses
+    (so the rotation is bit for bit transformers'), as tables of one row per step row."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None = None,
                  mrope_section: tuple[int, ...] = (), interleaved: bool = False):
@@ -109,12 +111,13 @@ class MRotaryEmbedding(nn.Module):
                              persistent=False)
         self.register_buffer("axes", mrope_axes(tuple(mrope_section), interleaved), persistent=False)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
+    def angles(self, positions: torch.Tensor) -> Angles:
         """positions: [3, T]."""
         chosen = positions.index_select(0, self.axes).t().float()  # [T, D/2]: each frequency's position
         freqs = chosen * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
-        return apply_rotary(q, k, emb.cos(), emb.sin())
+        rows = torch.arange(emb.shape[0], device=emb.device)
+        return rows, emb.cos(), emb.sin()
 
 
 # TextConfig.rope_form -> the module; position_dims says what shape the positions take

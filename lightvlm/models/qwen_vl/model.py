@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from lightvlm.common.distributed import SINGLE, TPGroup
+from lightvlm.common.triton_kernels.ops import ops_for
 from lightvlm.models.layers.decoder import CausalLM
 from lightvlm.models.layers.positions import TablePositions
 from lightvlm.models.qwen_vl.config import QwenVLConfig
@@ -91,7 +92,7 @@ class QwenVLLanguage(CausalLM):
     def embed(self, state) -> torch.Tensor:
         embeds = self.language_model.embed_tokens(state.input_ids)
         if state.image_rows is not None:
-            embeds[state.image_rows] = state.image_embeds[:, :embeds.shape[-1]].to(embeds.dtype)
+            ops_for(embeds.device).embed_splice(embeds, state.image_rows, state.image_embeds[:, :embeds.shape[-1]])
         return embeds
 
     def forward(self, state) -> torch.Tensor:
