@@ -9,6 +9,7 @@ table that shares the cores, and every shared-memory segment carrying its prefix
 
 import multiprocessing as mp
 import multiprocessing.connection
+import os
 import shutil
 import tempfile
 import time
@@ -24,6 +25,18 @@ from lightvlm.config import RuntimeConfig, ServerConfig
 logger = get_logger(__name__)
 
 START_TIMEOUT_SECONDS = 600.0
+# OpenMP threads that finish a parallel region spin this long (libgomp counts) before they sleep. Its
+# default (300,000) is made for a process that owns the cores; the rooms share them, and a model
+# worker's idle threads spinning through the other rooms' turns cost W1 10-15% of its throughput on
+# 2 cores (docs/performance.md). 20,000 keeps a decode step's back-to-back regions hot.
+OMP_SPIN_COUNT = "20000"
+
+
+def room_environment(env) -> dict[str, str]:
+    """The variables a room adds to the environment it inherits: none the user set."""
+    if "GOMP_SPINCOUNT" in env or "OMP_WAIT_POLICY" in env:
+        return {}
+    return {"GOMP_SPINCOUNT": OMP_SPIN_COUNT}
 
 
 class RoomFailed(RuntimeError):
@@ -44,7 +57,13 @@ class Rooms:
     def start(self, name: str, target, *args) -> tuple:
         reader, writer = self.ctx.Pipe(duplex=False)
         process = self.ctx.Process(target=target, args=(*args, writer), name=name, daemon=False)
-        process.start()
+        added = room_environment(os.environ)
+        os.environ.update(added)  # the spawned child copies the environment as it starts; this one keeps its own
+        try:
+            process.start()
+        finally:
+            for key in added:
+                del os.environ[key]
         writer.close()
         self.children.append((name, process))
         return name, process, reader
