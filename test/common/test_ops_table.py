@@ -8,6 +8,7 @@ import torch
 from lightvlm import GenerationConfig, pipeline
 from lightvlm.common.triton_kernels import ops as ops_module
 from lightvlm.common.triton_kernels.ops import KERNELS, MODULES, TWINS, Ops, ops_for, select_ops
+from lightvlm.common.triton_kernels.token_decode_attention import SPLIT_MIN_LEN, multiprocessor_count, uses_split
 
 from helpers import load_image
 
@@ -45,3 +46,13 @@ def test_the_engine_runs_every_op_through_the_table(monkeypatch, tiny_qwen2):
                GenerationConfig(max_new_tokens=4, do_sample=True, top_k=5, top_p=0.9, seed=1, ignore_eos=True))
     assert len(out.token_ids) == 4
     assert set(calls) == {f.name for f in fields(Ops)}, sorted(calls)
+
+
+def test_decode_attention_splits_only_small_batches_over_long_tables():
+    """On an H200 (132 multiprocessors): 8 requests of 32 heads over 32k-slot tables split the
+    context, 64 requests fill the GPU without it, short tables never split, the CPU never does."""
+    assert uses_split(8, 32, 32768, 132)
+    assert not uses_split(64, 32, 32768, 132)
+    assert not uses_split(1, 8, SPLIT_MIN_LEN - 1, 132)
+    assert uses_split(1, 8, SPLIT_MIN_LEN, 132)
+    assert not uses_split(1, 8, 32768, multiprocessor_count(torch.device("cpu")))

@@ -19,9 +19,10 @@ layers (rmsnorm, fused_add_rmsnorm, rotary, silu_and_mul), `CausalLM.embed` (emb
 sampler (top_k_top_p). Each twin computes what the engine's CPU code computed before the table existed
 (the twins' tests hold them bit for bit to transformers' layers where parity needs it), so the CPU
 path stays token-exact. A CUDA machine without triton runs the twins too. Not in the table:
-`token_decode_attention_split` (split-K for long contexts) and `rotary_copy_kv` (rotary fused into the
-KV write), which no call site uses: rotary runs in the model and the KV write in the engine's
-InferState, two sides the model/engine seam keeps apart.
+`token_decode_attention_split` (split-K), which the decode kernel itself runs for small batches with
+long slot tables (`token_decode_attention.uses_split`), and `rotary_copy_kv` (rotary fused into the KV
+write), which no call site uses: rotary runs in the model and the KV write in the engine's InferState,
+two sides the model/engine seam keeps apart.
 """
 
 from collections.abc import Callable

@@ -5,12 +5,20 @@
 q: [B, heads, D]; k_cache, v_cache: [kv_heads, slots, D]; slot_table: [B, Lmax] (row b's first
 lengths[b] entries are its context's slots); returns [B, heads, D]. Heads share KV heads in groups
 (GQA). The kernel reads the KV rows in place through the slot table (no gathered copy), one program
-per (request, head), with an online softmax over blocks of the context; it computes in fp32.
+per (request, head), with an online softmax over blocks of the context; it computes in fp32. When
+that grid would leave most of a GPU idle on long contexts (`uses_split`: fewer programs than twice
+the GPU's multiprocessors, slot tables of at least SPLIT_MIN_LEN columns), it runs the split-K variant
+(token_decode_attention_split.py) instead: same result, the context cut into pieces.
 """
+
+from functools import cache
 
 import torch
 
 from lightvlm.common.triton_kernels.copy_kv import gather_kv
+
+SPLIT_MIN_LEN = 1024  # slot-table columns (the longest context; a CUDA graph's full width) worth splitting
+NUM_SPLITS = 8
 
 try:
     import triton
@@ -74,10 +82,25 @@ if triton is not None:
         tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=in_dim)
 
 
+def uses_split(batch: int, heads: int, table_width: int, num_multiprocessors: int) -> bool:
+    """Whether a decode batch runs split-K: its one-program-per-(request, head) grid would not fill the
+    GPU twice over, and its contexts may be long. Decided on shapes only, so a captured graph keeps it."""
+    return table_width >= SPLIT_MIN_LEN and batch * heads < 2 * num_multiprocessors
+
+
+@cache
+def multiprocessor_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+
+
 def token_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            slot_table: torch.Tensor, lengths: torch.Tensor, block: int = 64) -> torch.Tensor:
-    """The Triton kernel (CUDA, or the CPU under TRITON_INTERPRET=1)."""
+    """The Triton kernel (CUDA, or the CPU under TRITON_INTERPRET=1, which never splits)."""
     batch, heads, dim = q.shape
+    if uses_split(batch, heads, slot_table.shape[1], multiprocessor_count(q.device)):
+        # imported here: the split module imports this one (for its twin)
+        from lightvlm.common.triton_kernels.token_decode_attention_split import token_decode_attention_split
+        return token_decode_attention_split(q, k_cache, v_cache, slot_table, lengths, num_splits=NUM_SPLITS)
     out = torch.empty_like(q)
     assert k_cache.stride(2) == 1 and v_cache.stride(2) == 1 and q.stride(2) == 1
     _decode_kernel[(batch, heads)](
