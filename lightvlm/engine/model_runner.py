@@ -20,6 +20,7 @@ import torch
 
 from lightvlm.common.distributed import SINGLE, TPGroup, kv_heads_per_rank
 from lightvlm.common.grammar import GrammarCompiler
+from lightvlm.common.triton_kernels.ops import triton_installed
 from lightvlm.engine import prompt_logprobs
 from lightvlm.engine.constraints import (
     GrammarMasks,
@@ -97,7 +98,7 @@ class ModelRunner:
                                    config.dtype, self.device)
         self.req_to_slots = torch.zeros(config.max_reqs, config.max_len, dtype=torch.long, device=self.device)
         self.decode_graphs = None
-        if num_graph_reqs:
+        if num_graph_reqs and (self.device.type != "cuda" or triton_installed()):  # not over the twins on CUDA
             self.decode_graphs = DecodeGraphs(self.model, self.kv, self.req_to_slots, num_graph_reqs,
                                               self.model.position_dims, pad_slot=config.num_slots,
                                               capture=self.device.type == "cuda")

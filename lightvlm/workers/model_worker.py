@@ -59,13 +59,33 @@ class ShmImageStore:
         return self.segments[key][1]
 
 
-def plan_kv_slots(config: ServerConfig, max_len: int, bytes_per_token: int, device: torch.device) -> int:
-    """KV slots: --max_total_token_num, else what --mem_fraction leaves after the weights."""
+CUDA_RESERVE_BYTES = 1 << 30  # activations, decode graphs' pool, the sampler's buffers
+
+
+def language_weight_bytes(text, dtype: torch.dtype, tp_size: int) -> int:
+    """The language model's weights on one rank (the decoder's matrices, the embedding tables and the
+    norms; biases left out), counted from the config before they are loaded: an estimate."""
+    attention = 2 * text.hidden_size * text.head_dim * (text.num_heads + text.num_kv_heads)
+    layer = attention + 3 * text.hidden_size * text.intermediate_size + 2 * text.hidden_size
+    tables = text.vocab_size * text.hidden_size * (1 if text.tie_word_embeddings else 2)
+    return (text.num_layers * layer + tables) * torch.empty((), dtype=dtype).element_size() // tp_size
+
+
+def cuda_kv_budget(free: int, total: int, mem_fraction: float, weight_bytes: int) -> float:
+    """Bytes for the KV cache: the share of the GPU given to lightvlm (mem_fraction of it, less what is
+    used already) less the weights still to load and a reserve."""
+    return free - total * (1 - mem_fraction) - weight_bytes - CUDA_RESERVE_BYTES
+
+
+def plan_kv_slots(config: ServerConfig, max_len: int, bytes_per_token: int, device: torch.device,
+                  weight_bytes: int = 0) -> int:
+    """KV slots: --max_total_token_num, else what --mem_fraction leaves after the weights (planned
+    before they load: `weight_bytes`)."""
     if config.router.max_total_token_num:
         return config.router.max_total_token_num
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        budget = free - total * (1 - config.router.mem_fraction)
+        budget = cuda_kv_budget(free, total, config.router.mem_fraction, weight_bytes)
     else:
         budget = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * config.router.mem_fraction / 4
     ceiling = config.router.running_max_req_size * max_len
@@ -122,9 +142,10 @@ def start_worker_process(config: ServerConfig, rank: int, pipe) -> None:
         text = ckpt.config.text
         kv_heads = kv_heads_per_rank(text.num_kv_heads, config.model.tp)
         per_token = KVCache.bytes_per_token(text.num_layers, kv_heads, text.head_dim, dtype)
-        num_slots = plan_kv_slots(config, max_len, per_token, device)
-        if tp.size > 1:  # every rank must agree on the pool size
-            agreed = torch.tensor([num_slots])
+        num_slots = plan_kv_slots(config, max_len, per_token, device,
+                                  language_weight_bytes(text, dtype, config.model.tp))
+        if tp.size > 1:  # every rank must agree on the pool size (on the device: NCCL has no CPU tensors)
+            agreed = torch.tensor([num_slots], device=device)
             torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
             num_slots = int(agreed)
         if num_slots < max_len:

@@ -16,6 +16,7 @@ from lightvlm.engine.scheduler import Scheduler, SchedulerConfig
 from lightvlm.models.checkpoint import LoadedCheckpoint
 from lightvlm.pipeline import ImageStore
 from lightvlm.sampling_params import SamplingParams
+from lightvlm.workers.model_worker import CUDA_RESERVE_BYTES, cuda_kv_budget, language_weight_bytes
 
 from helpers import drive
 
@@ -116,3 +117,13 @@ def test_graph_flags_reach_the_model_config_on_cuda_only():
     assert parse_config(["--graph_max_batch_size", "16"], "/tmp/model", "cpu", 0).model.graph_max_batch_size == 0
     with pytest.raises(SystemExit):
         parse_config(["--graph_max_batch_size", "0"], "/tmp/model", "cuda", 1)
+
+
+def test_the_kv_plan_counts_the_weights_before_they_load(tiny_qwen2):
+    """The weights counted from the config are the language model's parameters once loaded (the CUDA
+    KV budget subtracts them, planned before loading)."""
+    runner = make_runner(tiny_qwen2, 0)
+    loaded = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+    counted = language_weight_bytes(LoadedCheckpoint.open(tiny_qwen2).config.text, torch.float32, 1)
+    assert 0.99 * loaded <= counted <= loaded  # the biases and the final norm are left out
+    assert cuda_kv_budget(80 << 30, 100 << 30, 0.9, 10 << 30) == 60 * 2**30 - CUDA_RESERVE_BYTES
