@@ -33,3 +33,19 @@ def drive(scheduler, run_step, lookahead: bool = False) -> None:
             in_flight.append((batch, run_step(batch)))
         if in_flight and (len(in_flight) > lookahead or batch is None):
             scheduler.update(*in_flight.pop(0))
+
+
+def generate_on(runner, scheduler, reqs, lookahead: bool = False) -> list[list[int]]:
+    """Every request through `scheduler` and the model runner until all finish (none may fail);
+    returns their output ids, in order."""
+    for req in reqs:
+        scheduler.add(req)
+
+    def run_step(batch):
+        out = runner.step(batch.to_step_input())
+        assert not out.failed
+        return dict(zip(out.req_ids, out.token_ids))
+
+    drive(scheduler, run_step, lookahead)
+    runner.release(scheduler.take_released())
+    return [r.output_ids for r in reqs]

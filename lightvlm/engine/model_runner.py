@@ -93,12 +93,13 @@ class ModelRunner:
         self.image_token_id = getattr(ckpt.config, "image_token_id", None)
         kv_heads = kv_heads_per_rank(text.num_kv_heads, tp.size)
         num_graph_reqs = min(config.graph_max_batch_size, config.max_reqs)
+        use_graphs = num_graph_reqs > 0 and (self.device.type != "cuda" or triton_installed())  # not over twins
         # with decode graphs, one slot past the pool takes the padding rows' K/V
-        self.kv = KVCache.allocate(text.num_layers, config.num_slots + (num_graph_reqs > 0), kv_heads, text.head_dim,
+        self.kv = KVCache.allocate(text.num_layers, config.num_slots + use_graphs, kv_heads, text.head_dim,
                                    config.dtype, self.device)
         self.req_to_slots = torch.zeros(config.max_reqs, config.max_len, dtype=torch.long, device=self.device)
         self.decode_graphs = None
-        if num_graph_reqs and (self.device.type != "cuda" or triton_installed()):  # not over the twins on CUDA
+        if use_graphs:
             self.decode_graphs = DecodeGraphs(self.model, self.kv, self.req_to_slots, num_graph_reqs,
                                               self.model.position_dims, pad_slot=config.num_slots,
                                               capture=self.device.type == "cuda")

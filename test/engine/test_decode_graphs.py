@@ -18,7 +18,7 @@ from lightvlm.pipeline import ImageStore
 from lightvlm.sampling_params import SamplingParams
 from lightvlm.workers.model_worker import CUDA_RESERVE_BYTES, cuda_kv_budget, language_weight_bytes
 
-from helpers import drive
+from helpers import generate_on
 
 NUM_SLOTS = 2048
 
@@ -45,19 +45,7 @@ def workload():
 
 
 def generate(runner):
-    scheduler = Scheduler(SchedulerConfig(NUM_SLOTS, 512, 8))
-    reqs = workload()
-    for req in reqs:
-        scheduler.add(req)
-
-    def run_step(batch):
-        out = runner.step(batch.to_step_input())
-        assert not out.failed
-        return dict(zip(out.req_ids, out.token_ids))
-
-    drive(scheduler, run_step, False)
-    runner.release(scheduler.take_released())
-    return [r.output_ids for r in reqs]
+    return generate_on(runner, Scheduler(SchedulerConfig(NUM_SLOTS, 512, 8)), workload())
 
 
 def count_graph_steps(runner) -> list[int]:

@@ -11,7 +11,7 @@ from lightvlm.models.checkpoint import LoadedCheckpoint
 from lightvlm.pipeline import ImageStore
 from lightvlm.sampling_params import SamplingParams
 
-from helpers import drive
+from helpers import generate_on
 
 
 @pytest.fixture
@@ -69,18 +69,9 @@ def sample_all(runner, reqs, num_slots, overcommit=False, lookahead=False, batch
     scheduler = Scheduler(SchedulerConfig(num_slots, batch_max_tokens, 4))
     if overcommit:
         scheduler._fits = lambda req: True  # admit beyond the predicted peak, to force preemptions
-    for req in reqs:
-        scheduler.add(req)
-
-    def run_step(batch):
-        out = runner.step(batch.to_step_input())
-        assert not out.failed
-        return dict(zip(out.req_ids, out.token_ids))
-
-    drive(scheduler, run_step, lookahead)
-    runner.release(scheduler.take_released())
+    outputs = generate_on(runner, scheduler, reqs, lookahead)
     assert scheduler.allocator.num_used == 0 and len(runner.free_rows) == runner.config.max_reqs
-    return [r.output_ids for r in reqs]
+    return outputs
 
 
 def mixed_reqs():

@@ -18,7 +18,8 @@ except ImportError:  # CPU-only installs: the torch twin is all they use
 
 
 def silu_and_mul_torch(x: torch.Tensor) -> torch.Tensor:
-    """The torch twin (what `layers.activation.silu_and_mul` computes)."""
+    """The torch twin: transformers' gated MLP's `act_fn(gate) * up`, the product written over the
+    activation's output."""
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate).mul_(up)  # one temporary fewer: the activation's output takes the product
 
